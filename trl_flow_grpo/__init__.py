@@ -15,8 +15,8 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 if TYPE_CHECKING:
-    from .flow_grpo_config import FlowGRPOConfig
-    from .flow_grpo_trainer import FlowGRPOTrainer
+    from .flow_grpo_config import FlowGRPOConfig as FlowGRPOConfig
+    from .flow_grpo_trainer import FlowGRPOTrainer as FlowGRPOTrainer
 
 
 def __getattr__(name: str):

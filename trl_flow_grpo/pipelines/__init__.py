@@ -1,0 +1,21 @@
+"""Pipeline adapters, one per diffusers pipeline family."""
+
+from typing import Any
+
+from .base import Conditioning, PipelineAdapter, concat, select
+from .sd3 import SD3Adapter
+
+ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter]
+"""Every supported family. A new family is one new module and one entry here."""
+
+
+def get_adapter(pipeline: Any) -> PipelineAdapter:
+    """The adapter for `pipeline`, or a `ValueError` naming the supported pipeline classes."""
+    for adapter_class in ADAPTERS:
+        if isinstance(pipeline, adapter_class.pipeline_class):
+            return adapter_class(pipeline)
+    supported = ", ".join(a.pipeline_class.__name__ for a in ADAPTERS)
+    raise ValueError(f"{type(pipeline).__name__} is not supported yet. Supported pipelines: {supported}.")
+
+
+__all__ = ["ADAPTERS", "Conditioning", "PipelineAdapter", "SD3Adapter", "concat", "get_adapter", "select"]

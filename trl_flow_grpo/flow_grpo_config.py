@@ -1,0 +1,305 @@
+"""FlowGRPOConfig: every knob of Flow-GRPO training, documented and validated."""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .sampling.steps import SDE_TYPES
+
+KL_TYPES = ("mean", "velocity")
+SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+@dataclass
+class FlowGRPOConfig(TrainingArguments):
+    r"""
+    Configuration class for the [`FlowGRPOTrainer`].
+
+    Only the parameters specific to Flow-GRPO are listed here; for the rest see [`~transformers.TrainingArguments`].
+    Names follow TRL's [`~trl.GRPOConfig`] where the concept is the same. Defaults follow the Flow-GRPO paper
+    (SD3.5-M, 512 px) where it has one; defaults that differ from [`~transformers.TrainingArguments`] are marked.
+
+    **Batch semantics.** One optimizer step uses a *generation batch* of
+    `per_device_train_batch_size * gradient_accumulation_steps * num_processes` images, i.e.
+    `generation_batch_size / num_generations` prompts with `num_generations` images each. All of them are sampled
+    first (in chunks of `per_device_train_batch_size` per process), scored, and turned into group-relative advantages;
+    then every recorded SDE step of every image is one backward pass (one micro-step of gradient accumulation):
+    `generation_batch_size * num_sde_steps / num_processes` backward passes per process per optimizer step. With
+    `num_iterations > 1` the same samples are reused for that many optimizer steps (later ones are off-policy).
+
+    Parameters:
+        > Parameters that control the model
+
+        model_init_kwargs (`dict[str, Any]`, *optional*):
+            Keyword arguments for [`~diffusers.DiffusionPipeline.from_pretrained`], used when the `model` argument of
+            the [`FlowGRPOTrainer`] is a Hub id or a path, e.g. `{"torch_dtype": "bfloat16"}`.
+        max_sequence_length (`int`, *optional*, defaults to `256`):
+            Maximum number of T5 tokens of a prompt (SD3's `max_sequence_length`).
+
+        > Parameters that control the rollout (sampling)
+
+        num_generations (`int`, *optional*, defaults to `24`):
+            Number of images sampled per prompt (the group size G). The generation batch must be divisible by it.
+        num_inference_steps (`int`, *optional*, defaults to `10`):
+            Number of denoising steps T of a training rollout.
+        eval_num_inference_steps (`int`, *optional*, defaults to `40`):
+            Number of denoising steps used by [`~FlowGRPOTrainer.evaluate`] (always the deterministic ODE sampler).
+        guidance_scale (`float`, *optional*, defaults to `4.5`):
+            Classifier-free guidance scale. Used for rollouts and training when `train_cfg=True`, and always for
+            evaluation images.
+        train_cfg (`bool`, *optional*, defaults to `True`):
+            Whether rollouts and the training forward use classifier-free guidance (both branches get the gradient).
+            With `False`, rollouts and training run at guidance 1 (which also distils CFG into the model) and
+            `guidance_scale` only applies to evaluation.
+        noise_level (`float`, *optional*, defaults to `0.7`):
+            Noise level `a` of the SDE sampler. `0` makes the SDE step an ODE (Euler) step.
+        sde_type (`str`, *optional*, defaults to `"sde"`):
+            `"sde"`: Flow-GRPO's Euler-Maruyama step of the marginal-preserving reverse SDE. `"cps"`:
+            coefficients-preserving sampling (use `noise_level` around 0.8 and a smaller `epsilon`, e.g. 1e-5).
+        height (`int`, *optional*, defaults to `512`):
+            Image height in pixels.
+        width (`int`, *optional*, defaults to `512`):
+            Image width in pixels.
+        timestep_fraction (`float`, *optional*, defaults to `0.99`):
+            The first `floor(num_inference_steps * timestep_fraction)` steps are SDE steps, recorded and trained; the
+            rest are ODE steps (the last step's Gaussian is too narrow to train on).
+        same_latent (`bool`, *optional*, defaults to `False`):
+            Whether the images of one group start from the same initial noise (they still differ by the SDE noise).
+
+        > Parameters that control the training objective
+
+        beta (`float`, *optional*, defaults to `0.04`):
+            Weight of the KL term to the reference policy (the model with LoRA adapters disabled, or a frozen copy
+            for full fine-tuning). `0` disables it and skips the reference forward. The paper uses 0.04 for GenEval
+            and OCR, 0.01 for PickScore.
+        kl_type (`str`, *optional*, defaults to `"mean"`):
+            `"mean"`: closed-form KL of the two Gaussian steps, `mean((mu - mu_ref)^2) / (2 s^2)` with the step's
+            diffusion coefficient `s` (without the `1/(-dt)` factor, as the reference code). `"velocity"`:
+            `mean((v - v_ref)^2)`.
+        epsilon (`float`, *optional*, defaults to `1e-4`):
+            Lower clip range of the probability ratio (`1 - epsilon`). Flow-GRPO's log-probs are per-element means,
+            so ratios stay very close to 1 and the range is tiny.
+        epsilon_high (`float`, *optional*):
+            Upper clip range (`1 + epsilon_high`); defaults to `epsilon`.
+        num_iterations (`int`, *optional*, defaults to `1`):
+            Number of optimizer steps taken on each generation batch (TRL's mu). Only the first is on-policy.
+        adv_clip_max (`float`, *optional*, defaults to `5.0`):
+            Advantages are clipped to `[-adv_clip_max, adv_clip_max]`.
+        reward_weights (`list[float]`, *optional*):
+            Weight of each reward function; defaults to 1 for each.
+        scale_rewards (`str` or `bool`, *optional*, defaults to `"group"`):
+            Divide centred rewards by the group's standard deviation (`"group"`, or `True`), by the whole gathered
+            batch's (`"batch"`, Flow-GRPO's `global_std`), or not at all (`"none"`, or `False`).
+        multi_objective_aggregation (`str`, *optional*, defaults to `"sum_then_normalize"`):
+            With several reward functions: weighted sum of the raw rewards then normalise (`"sum_then_normalize"`),
+            or normalise each reward within its group then weighted sum (`"normalize_then_sum"`).
+
+        > Parameters that control logging
+
+        log_completions (`bool`, *optional*, defaults to `False`):
+            Whether to save a grid of sampled images with their prompts and rewards under
+            `output_dir/samples/` at every logging step and send it to the trackers of `report_to` that accept images.
+        num_images_to_log (`int`, *optional*, defaults to `8`):
+            Number of images in that grid.
+
+    Changed defaults of [`~transformers.TrainingArguments`]: `learning_rate=3e-4`, `weight_decay=1e-4`,
+    `lr_scheduler_type="constant"`, `per_device_train_batch_size=8`, `gradient_accumulation_steps=3` (one group of
+    24 per process and step), `logging_steps=1`, `remove_unused_columns=False`, and `bf16` is on when a CUDA
+    device is available unless set.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # --- model ---
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `DiffusionPipeline.from_pretrained`, used when `model` is a Hub id or a "
+            'path, e.g. `{"torch_dtype": "bfloat16"}`.'
+        },
+    )
+    max_sequence_length: int = field(default=256, metadata={"help": "Maximum number of T5 tokens of a prompt."})
+
+    # --- rollout ---
+    num_generations: int = field(
+        default=24, metadata={"help": "Number of images sampled per prompt (the group size G)."}
+    )
+    num_inference_steps: int = field(default=10, metadata={"help": "Denoising steps T of a training rollout."})
+    eval_num_inference_steps: int = field(
+        default=40, metadata={"help": "Denoising steps of evaluation sampling (always ODE)."}
+    )
+    guidance_scale: float = field(
+        default=4.5,
+        metadata={
+            "help": "Classifier-free guidance scale: for rollouts and training when `train_cfg=True`, always for "
+            "evaluation."
+        },
+    )
+    train_cfg: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether rollouts and training use CFG. With False they run at guidance 1 and `guidance_scale` "
+            "applies to evaluation only."
+        },
+    )
+    noise_level: float = field(default=0.7, metadata={"help": "Noise level `a` of the SDE sampler."})
+    sde_type: str = field(
+        default="sde",
+        metadata={"help": "SDE step: `sde` (Flow-GRPO) or `cps` (coefficients-preserving).", "choices": SDE_TYPES},
+    )
+    height: int = field(default=512, metadata={"help": "Image height in pixels."})
+    width: int = field(default=512, metadata={"help": "Image width in pixels."})
+    timestep_fraction: float = field(
+        default=0.99,
+        metadata={"help": "The first floor(num_inference_steps * timestep_fraction) steps are SDE steps (trained)."},
+    )
+    same_latent: bool = field(
+        default=False, metadata={"help": "Whether the images of a group start from the same initial noise."}
+    )
+
+    # --- objective ---
+    beta: float = field(
+        default=0.04, metadata={"help": "KL coefficient to the reference policy. 0 skips the reference forward."}
+    )
+    kl_type: str = field(
+        default="mean",
+        metadata={
+            "help": "`mean`: Gaussian KL of the step means; `velocity`: mean squared velocity difference.",
+            "choices": KL_TYPES,
+        },
+    )
+    epsilon: float = field(default=1e-4, metadata={"help": "Lower clip range of the probability ratio."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clip range of the ratio; defaults to `epsilon`."}
+    )
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimizer steps taken on each generation batch (TRL's mu)."}
+    )
+    adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clipped to +-adv_clip_max."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward function; defaults to 1 for each."}
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={"help": "Reward std used to scale advantages: `group`, `batch` or `none`."},
+    )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={
+            "help": "With several rewards: `sum_then_normalize` or `normalize_then_sum`.",
+            "choices": AGGREGATIONS,
+        },
+    )
+
+    # --- logging ---
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Save a grid of sampled images with prompts and rewards at every logging step."},
+    )
+    num_images_to_log: int = field(default=8, metadata={"help": "Number of images in the logged grid."})
+
+    # --- changed TrainingArguments defaults ---
+    learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay for AdamW."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "The scheduler type to use."})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Images per process in one rollout chunk and one training micro-batch."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=3, metadata={"help": "Micro-batches (of per_device_train_batch_size images) per optimizer step."}
+    )
+    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every dataset column: they are passed to the reward functions."}
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "Use bf16 mixed precision. Defaults to True when a CUDA device is available."},
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = not self.fp16 and torch.cuda.is_available()
+        super().__post_init__()
+
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        if isinstance(self.scale_rewards, str):
+            self.scale_rewards = {"true": "group", "false": "none"}.get(self.scale_rewards.lower(), self.scale_rewards)
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+
+        self._check_choice("sde_type", SDE_TYPES)
+        self._check_choice("kl_type", KL_TYPES)
+        self._check_choice("scale_rewards", SCALE_REWARDS)
+        self._check_choice("multi_objective_aggregation", AGGREGATIONS)
+
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be at least 2 (got {self.num_generations}): group-relative advantages compare "
+                "the images of one prompt with each other. The Flow-GRPO paper uses 24."
+            )
+        if self.num_inference_steps < 1 or self.eval_num_inference_steps < 1:
+            raise ValueError(
+                f"num_inference_steps ({self.num_inference_steps}) and eval_num_inference_steps "
+                f"({self.eval_num_inference_steps}) must be positive."
+            )
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}.")
+        if self.num_sde_steps < 1:
+            raise ValueError(
+                f"num_inference_steps * timestep_fraction = {self.num_inference_steps} * {self.timestep_fraction} "
+                "rounds down to 0 SDE steps, so nothing would be trained. Raise either value."
+            )
+        if self.noise_level < 0:
+            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}.")
+        if self.noise_level == 0:
+            raise ValueError(
+                "noise_level=0 makes every step deterministic: there is no log-probability to train. Use e.g. 0.7."
+            )
+        if self.epsilon <= 0 or self.epsilon_high <= 0:
+            raise ValueError(f"epsilon ({self.epsilon}) and epsilon_high ({self.epsilon_high}) must be positive.")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        if self.adv_clip_max <= 0:
+            raise ValueError(f"adv_clip_max must be positive, got {self.adv_clip_max}.")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}.")
+        if self.height <= 0 or self.width <= 0:
+            raise ValueError(f"height ({self.height}) and width ({self.width}) must be positive.")
+        if self.auto_find_batch_size:
+            raise ValueError(
+                "auto_find_batch_size is not supported: the generation batch must hold whole groups of "
+                "num_generations images. Set auto_find_batch_size=False and lower per_device_train_batch_size."
+            )
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"One optimizer step samples per_device_train_batch_size ({self.per_device_train_batch_size}) x "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) x processes ({self.world_size}) = "
+                f"{self.generation_batch_size} images, which must be divisible by num_generations "
+                f"({self.num_generations}) so that every prompt gets a whole group. Change one of these fields, e.g. "
+                f"gradient_accumulation_steps={self._suggest_accumulation()}."
+            )
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+    def _suggest_accumulation(self) -> int:
+        per_step = self.per_device_train_batch_size * self.world_size
+        return self.num_generations // math.gcd(per_step, self.num_generations)
+
+    @property
+    def generation_batch_size(self) -> int:
+        """Images sampled, scored and trained on per optimizer step, over all processes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def num_sde_steps(self) -> int:
+        """Recorded (trained) SDE steps per rollout."""
+        return math.floor(self.num_inference_steps * self.timestep_fraction)

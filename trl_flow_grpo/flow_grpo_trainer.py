@@ -1,0 +1,582 @@
+"""FlowGRPOTrainer: online RL (Flow-GRPO) for flow-matching text-to-image pipelines, on top of `transformers.Trainer`.
+
+One optimizer step:
+1. `get_batch_samples` receives the step's micro-batches of prompt rows, samples them with the SDE sampler
+   (`sampling.rollout`), scores the images with every reward function, gathers rewards across processes and turns
+   them into group-relative advantages (`advantages.compute_advantages`).
+2. `training_step` runs once per micro-batch; every recorded SDE step is one backward pass (`sampling.step_log_prob`
+   -> clipped policy loss + KL to the reference).
+`transformers.Trainer` does the rest: optimizer, scheduler, accumulation, gradient clipping, logging, checkpoints.
+"""
+
+import contextlib
+import copy
+import hashlib
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset
+from torch.utils.data import Sampler
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+
+from .advantages import compute_advantages
+from .flow_grpo_config import FlowGRPOConfig
+from .pipelines import get_adapter
+from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
+from .sampling import rollout, step_log_prob
+from .utils import image_grid, save_and_report_image
+
+logger = logging.getLogger(__name__)
+
+PAPER_CITATION = """\
+@article{liu2025flowgrpo,
+    title   = {{Flow-GRPO: Training Flow Matching Models via Online RL}},
+    author  = {Jie Liu and Gongye Liu and Jiajun Liang and Yangguang Li and Jiaheng Liu and Xintao Wang and Pengfei Wan
+               and Di Zhang and Wanli Ouyang},
+    journal = {arXiv preprint arXiv:2505.05470},
+    year    = {2025}
+}"""
+
+
+class _RowIndexed(torch.utils.data.Dataset):
+    """The user's dataset, each row extended with its index (`_row`): the id of its prompt group."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "_row": index}
+
+
+class GroupSampler(Sampler[int]):
+    """Yields each prompt `num_generations` times in a row, in whole generation batches.
+
+    Every generation batch (`prompts_per_batch` prompts) is yielded `repeat` times in a row (`num_iterations`). The
+    order is a permutation seeded by `seed` and the epoch, identical on every process; an incomplete last batch
+    is dropped so that no optimizer step mixes epochs or holds a partial group.
+    """
+
+    def __init__(self, num_rows: int, num_generations: int, prompts_per_batch: int, repeat: int = 1, seed: int = 0):
+        self.num_rows, self.num_generations = num_rows, num_generations
+        self.prompts_per_batch, self.repeat, self.seed = prompts_per_batch, repeat, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_rows, generator=generator).tolist()
+        usable = len(order) - len(order) % self.prompts_per_batch
+        for start in range(0, usable, self.prompts_per_batch):
+            chunk = order[start : start + self.prompts_per_batch]
+            for _ in range(self.repeat):
+                for row in chunk:
+                    yield from [row] * self.num_generations
+
+    def __len__(self) -> int:
+        return (self.num_rows - self.num_rows % self.prompts_per_batch) * self.num_generations * self.repeat
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed derived from several integers (stable across processes and runs)."""
+    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _check_prompt_dataset(dataset: Any, name: str) -> None:
+    if dataset is None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        columns = list(dataset[0].keys()) if len(dataset) else []
+    if "prompt" not in columns:
+        raise ValueError(
+            f"{name} needs a 'prompt' column with the text prompts, but its columns are {columns}. Rename the text "
+            f"column, e.g. `{name} = {name}.rename_column('caption', 'prompt')`."
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty.")
+
+
+class FlowGRPOTrainer(Trainer):
+    """Trainer for Flow-GRPO (Liu et al., 2025): GRPO on the SDE sampling steps of a flow-matching model.
+
+    Args:
+        model (`str` or `DiffusionPipeline`):
+            A Hub id or local path of a diffusers pipeline (loaded with `args.model_init_kwargs`), or a pipeline
+            object. Supported families: see `trl_flow_grpo.pipelines.ADAPTERS`. Its transformer is trained; the VAE
+            and text encoders stay frozen.
+        reward_funcs (`callable`, `str` or a list of them):
+            Reward functions called as `f(prompts=..., images=..., <dataset columns>=..., trainer_state=...)`,
+            returning one float (or `None`: not applicable) per image; `async def` functions run concurrently.
+            A string names a built-in (`trl_flow_grpo.rewards.REWARD_FUNCS`).
+        args ([`FlowGRPOConfig`], *optional*):
+            Training configuration; defaults to `FlowGRPOConfig("<model>-Flow-GRPO")`.
+        train_dataset ([`~datasets.Dataset`]):
+            Prompts in a `prompt` column; every other column is passed to the reward functions.
+        eval_dataset ([`~datasets.Dataset`], *optional*):
+            Prompts for [`~FlowGRPOTrainer.evaluate`]: deterministic ODE samples, fixed seeds, every reward.
+        callbacks (`list[TrainerCallback]`, *optional*):
+            Extra callbacks, as for [`~transformers.Trainer`].
+        optimizers (`tuple`, *optional*):
+            `(optimizer, lr_scheduler)`, as for [`~transformers.Trainer`]; AdamW and `lr_scheduler_type` otherwise.
+        peft_config ([`~peft.LoraConfig`], *optional*):
+            Train a LoRA on the transformer (the reference policy is then the same network with the adapter
+            disabled). Without it the whole transformer is trained and, if `beta > 0`, a frozen copy is kept.
+    """
+
+    _tag_names = ["trl", "flow-grpo", "diffusers", "lora", "text-to-image"]
+    _name = "Flow-GRPO"
+    _paper = {
+        "title": "Flow-GRPO: Training Flow Matching Models via Online RL",
+        "id": "2505.05470",
+        "citation": PAPER_CITATION,
+    }
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Callable | str | list[Callable | str],
+        args: FlowGRPOConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        peft_config: Any | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = FlowGRPOConfig(f"{name.split('/')[-1]}-Flow-GRPO")
+        if not isinstance(args, FlowGRPOConfig):
+            raise TypeError(f"args must be a FlowGRPOConfig, got {type(args).__name__}.")
+
+        # --- inputs are validated before anything heavy happens ---
+        if train_dataset is None:
+            raise ValueError("FlowGRPOTrainer needs a train_dataset with a 'prompt' column.")
+        _check_prompt_dataset(train_dataset, "train_dataset")
+        _check_prompt_dataset(eval_dataset, "eval_dataset")
+        prompts_per_batch = args.generation_batch_size // args.num_generations
+        if len(train_dataset) < prompts_per_batch:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} prompts, but one optimizer step needs "
+                f"{prompts_per_batch} (generation_batch_size {args.generation_batch_size} / num_generations "
+                f"{args.num_generations}). Add prompts or lower per_device_train_batch_size / "
+                "gradient_accumulation_steps."
+            )
+        if not isinstance(reward_funcs, (list, tuple)):
+            reward_funcs = [reward_funcs]
+        if not reward_funcs:
+            raise ValueError("reward_funcs is empty: pass at least one reward function.")
+        self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
+        self.reward_funcs = [resolve_reward_func(f) for f in reward_funcs]
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} "
+                f"reward functions ({', '.join(self.reward_func_names)})."
+            )
+        self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs))
+
+        # --- pipeline ---
+        if isinstance(model, str):
+            from diffusers import DiffusionPipeline
+
+            init_kwargs = dict(args.model_init_kwargs or {})
+            dtype = init_kwargs.get("torch_dtype")
+            if isinstance(dtype, str) and dtype != "auto":
+                init_kwargs["torch_dtype"] = getattr(torch, dtype)
+            model = DiffusionPipeline.from_pretrained(model, **init_kwargs)
+        self.adapter = get_adapter(model)
+        self.adapter.check_inputs(args.height, args.width)
+        self.pipeline = model
+        for module in self.adapter.frozen_modules:
+            module.requires_grad_(False)
+            module.eval()
+
+        transformer = self.adapter.transformer
+        self.ref_transformer = None
+        self.is_lora = peft_config is not None
+        if self.is_lora:
+            if getattr(peft_config, "lora_dropout", 0.0):
+                logger.warning(
+                    "lora_dropout=%s: dropout makes training log-probs differ from sampling ones, so the first "
+                    "ratio is not exactly 1. Flow-GRPO uses lora_dropout=0.",
+                    peft_config.lora_dropout,
+                )
+            transformer.requires_grad_(False)
+            transformer.add_adapter(peft_config)
+            for param in transformer.parameters():  # train the adapter in float32 even on a bf16 model
+                if param.requires_grad:
+                    param.data = param.data.float()
+        else:
+            transformer.requires_grad_(True)
+            if args.beta > 0:
+                self.ref_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
+        if args.gradient_checkpointing:
+            # transformers would call `gradient_checkpointing_enable()`, which diffusers models do not have.
+            transformer.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False
+
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._buffer: list[dict] | None = None
+        self._steps_on_buffer = 0
+        self._generation = 0
+        self._num_images = 0
+        self._last_samples: tuple[list, list[str], list[float]] | None = None
+
+        super().__init__(
+            model=transformer,
+            args=args,
+            data_collator=lambda rows: rows,
+            train_dataset=_RowIndexed(train_dataset),
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        device = self.accelerator.device
+        for module in self.adapter.frozen_modules:
+            module.to(device)
+        if self.ref_transformer is not None:
+            self.ref_transformer.to(device)
+        self.train_sigmas = self.adapter.sigmas(args.num_inference_steps, args.height, args.width, device)
+        self.sde_steps = list(range(args.num_sde_steps))
+        self.rollout_guidance = args.guidance_scale if args.train_cfg else 1.0
+
+    # ------------------------------------------------------------------ data
+    def _get_train_sampler(self, train_dataset: Any = None) -> Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return GroupSampler(
+            num_rows=len(dataset),
+            num_generations=self.args.num_generations,
+            prompts_per_batch=self.args.generation_batch_size // self.args.num_generations,
+            repeat=self.args.num_iterations,
+            seed=self.args.seed,
+        )
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, None]:
+        """Fetch the step's micro-batches of prompt rows and replace them by scored rollouts (once per generation)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches:
+            return batches, None
+        if self._buffer is None or self._steps_on_buffer % self.args.num_iterations == 0:
+            self._buffer = self._generate_and_score(batches)
+            self._steps_on_buffer = 0
+        self._steps_on_buffer += 1
+        return self._buffer, None
+
+    # ------------------------------------------------------------ rollouts
+    def _initial_noise(self, rows: list[dict], micro_batch: int) -> torch.Tensor:
+        shape = self.adapter.latent_shape(self.args.height, self.args.width)
+        noises = []
+        for i, row in enumerate(rows):
+            if self.args.same_latent:  # one noise per prompt group, identical on every process
+                seed = _seed(self.args.seed, self._generation, row["_row"])
+            else:
+                seed = _seed(self.args.seed, self._generation, self.accelerator.process_index, micro_batch, i)
+            noises.append(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(noises).to(self.accelerator.device)
+
+    @torch.no_grad()
+    def _generate_and_score(self, batches: list[list[dict]]) -> list[dict]:
+        args, device = self.args, self.accelerator.device
+        transformer = self.accelerator.unwrap_model(self.model)
+        was_training = transformer.training
+        transformer.eval()
+        start = time.perf_counter()
+        micro_batches, images = [], []
+        show = self.is_local_process_zero() and not args.disable_tqdm
+        for index, rows in enumerate(tqdm(batches, desc="rollout", leave=False, disable=not show)):
+            prompts = [row["prompt"] for row in rows]
+            cond = self.adapter.encode_prompts(prompts, device, self.rollout_guidance > 1, args.max_sequence_length)
+            generator = torch.Generator(device).manual_seed(
+                _seed(args.seed, self._generation, self.accelerator.process_index, index, 1)
+            )
+            with self.compute_loss_context_manager():
+                trajectory = rollout(
+                    self.adapter,
+                    transformer,
+                    cond,
+                    self.train_sigmas,
+                    self._initial_noise(rows, index),
+                    sde_steps=self.sde_steps,
+                    noise_level=args.noise_level,
+                    sde_type=args.sde_type,
+                    guidance_scale=self.rollout_guidance,
+                    generator=generator,
+                )
+            images.extend(self.adapter.decode(trajectory.final_latents))
+            micro_batches.append({"cond": cond, "trajectory": trajectory, "rows": rows})
+        transformer.train(was_training)
+        rollout_time = time.perf_counter() - start
+
+        rows = [row for mb in micro_batches for row in mb["rows"]]
+        prompts = [row["prompt"] for row in rows]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key not in ("prompt", "_row")}
+        start = time.perf_counter()
+        rewards = call_reward_funcs(self.reward_funcs, prompts, images, columns, trainer_state=self.state)
+        reward_time = time.perf_counter() - start
+
+        # Advantages need whole groups, which may span processes: gather, compute, keep our slice.
+        rewards = rewards.to(device)
+        row_ids = torch.tensor([row["_row"] for row in rows], device=device)
+        all_rewards, all_rows = self.accelerator.gather(rewards), self.accelerator.gather(row_ids)
+        _, counts = torch.unique(all_rows, return_counts=True)
+        if not torch.all(counts == args.num_generations):
+            raise RuntimeError(f"Prompt groups are incomplete ({counts.tolist()}); this is a bug, please report it.")
+        result = compute_advantages(
+            all_rewards,
+            all_rows,
+            self.reward_weights.to(device),
+            scale_rewards=args.scale_rewards,
+            aggregation=args.multi_objective_aggregation,
+            adv_clip_max=args.adv_clip_max,
+        )
+        local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
+        advantages = result.advantages[local]
+
+        self._log_generation_metrics(all_rewards, result, rollout_time, reward_time)
+        self._last_samples = (images, prompts, result.rewards[local].tolist())
+        self._generation += 1
+
+        processed, offset = [], 0
+        for mb in micro_batches:
+            trajectory, size = mb["trajectory"], len(mb["rows"])
+            processed.append(
+                {
+                    "cond": mb["cond"],
+                    "latents": trajectory.latents,
+                    "next_latents": trajectory.next_latents,
+                    "log_probs": trajectory.log_probs,
+                    "step_indices": trajectory.step_indices,
+                    "advantages": advantages[offset : offset + size],
+                }
+            )
+            offset += size
+        return processed
+
+    def _log_generation_metrics(self, rewards: torch.Tensor, result: Any, rollout_time: float, reward_time: float):
+        metrics = self._metrics
+        for k, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards[:, k]).item())
+            finite = rewards[:, k][~torch.isnan(rewards[:, k])]
+            metrics[f"rewards/{name}/std"].append(finite.std(unbiased=False).item() if finite.numel() else 0.0)
+        metrics["reward"].append(result.rewards.mean().item())
+        metrics["reward_std"].append(result.group_std.mean().item())
+        metrics["frac_reward_zero_std"].append(result.frac_zero_std)
+        metrics["advantages/abs_mean"].append(result.advantages.abs().mean().item())
+        metrics["time/rollout_s"].append(rollout_time)
+        metrics["time/reward_s"].append(reward_time)
+        self._num_images += rewards.shape[0]
+        metrics["num_images"] = [float(self._num_images)]
+
+    # -------------------------------------------------------------- training
+    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+        """One micro-batch: each recorded SDE step is a forward + backward of its own (bounded memory)."""
+        model.train()
+        steps = inputs["step_indices"]
+        scale = len(steps) * self.current_gradient_accumulation_steps
+        total = torch.zeros((), device=self.accelerator.device)
+        for k, step in enumerate(steps):
+            # Synchronise gradients across processes only on the last backward of the micro-batch.
+            sync = contextlib.nullcontext() if k == len(steps) - 1 else self.accelerator.no_sync(model)
+            with sync:
+                with self.compute_loss_context_manager():
+                    loss = self._step_loss(model, inputs, k, step)
+                self.accelerator.backward(loss / scale)
+            total += loss.detach()
+        return total / scale
+
+    def _step_loss(self, model: torch.nn.Module, inputs: dict, k: int, step: int) -> torch.Tensor:
+        args = self.args
+        latents, next_latents = inputs["latents"][:, k], inputs["next_latents"][:, k]
+        log_prob, mean, std, velocity = step_log_prob(
+            self.adapter,
+            model,
+            inputs["cond"],
+            self.train_sigmas,
+            step,
+            latents,
+            next_latents,
+            noise_level=args.noise_level,
+            sde_type=args.sde_type,
+            guidance_scale=self.rollout_guidance,
+        )
+        advantages = inputs["advantages"]
+        ratio = torch.exp(log_prob - inputs["log_probs"][:, k])
+        clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)
+        loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
+
+        metrics = self._metrics
+        is_low = (ratio < 1 - args.epsilon) & (advantages < 0)
+        is_high = (ratio > 1 + args.epsilon_high) & (advantages > 0)
+        metrics["clip_ratio/low_mean"].append(is_low.float().mean().item())
+        metrics["clip_ratio/high_mean"].append(is_high.float().mean().item())
+        metrics["clip_ratio/region_mean"].append((is_low | is_high).float().mean().item())
+        metrics["ratio/mean"].append(ratio.mean().item())
+        metrics["approx_kl_old"].append(0.5 * (log_prob - inputs["log_probs"][:, k]).pow(2).mean().item())
+
+        if args.beta > 0:
+            with torch.no_grad(), self._reference_model(model) as reference:
+                _, ref_mean, _, ref_velocity = step_log_prob(
+                    self.adapter,
+                    reference,
+                    inputs["cond"],
+                    self.train_sigmas,
+                    step,
+                    latents,
+                    next_latents,
+                    noise_level=args.noise_level,
+                    sde_type=args.sde_type,
+                    guidance_scale=self.rollout_guidance,
+                )
+            dims = tuple(range(1, mean.dim()))
+            if args.kl_type == "mean":
+                kl = ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=dims)
+            else:
+                kl = ((velocity - ref_velocity) ** 2).mean(dim=dims)
+            loss = loss + args.beta * kl.mean()
+            metrics["kl"].append(kl.mean().item())
+        return loss
+
+    @contextlib.contextmanager
+    def _reference_model(self, model: torch.nn.Module):
+        """The reference policy: the frozen copy, or the same network with its LoRA adapters disabled."""
+        if self.ref_transformer is not None:
+            yield self.ref_transformer
+            return
+        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped.disable_adapters()
+        try:
+            yield unwrapped
+        finally:
+            unwrapped.enable_adapters()
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(
+        self,
+        eval_dataset: Dataset | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Sample every eval prompt once with the ODE sampler (fixed seeds) and report the mean of every reward."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
+        _check_prompt_dataset(dataset, "eval_dataset")
+        args, device = self.args, self.accelerator.device
+        transformer = self.accelerator.unwrap_model(self.model)
+        was_training = transformer.training
+        transformer.eval()
+        sigmas = self.adapter.sigmas(args.eval_num_inference_steps, args.height, args.width, device)
+        shape = self.adapter.latent_shape(args.height, args.width)
+        indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
+        batch_size = args.per_device_eval_batch_size
+        images, prompts, rows = [], [], []
+        show = self.is_local_process_zero() and not args.disable_tqdm
+        for start in tqdm(range(0, len(indices), batch_size), desc="evaluate", leave=False, disable=not show):
+            chunk = [dataset[i] for i in indices[start : start + batch_size]]
+            batch_prompts = [row["prompt"] for row in chunk]
+            cond = self.adapter.encode_prompts(
+                batch_prompts, device, args.guidance_scale > 1, args.max_sequence_length
+            )
+            noise = torch.stack(
+                [
+                    torch.randn(shape, generator=torch.Generator().manual_seed(_seed(args.seed, -1, i)))
+                    for i in indices[start : start + batch_size]
+                ]
+            ).to(device)
+            with self.compute_loss_context_manager():
+                trajectory = rollout(
+                    self.adapter,
+                    transformer,
+                    cond,
+                    sigmas,
+                    noise,
+                    sde_steps=[],
+                    noise_level=0.0,
+                    sde_type=args.sde_type,
+                    guidance_scale=args.guidance_scale,
+                )
+            images.extend(self.adapter.decode(trajectory.final_latents))
+            prompts.extend(batch_prompts)
+            rows.extend(chunk)
+        transformer.train(was_training)
+
+        columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {}) if key != "prompt"}
+        rewards = call_reward_funcs(self.reward_funcs, prompts, images, columns, trainer_state=self.state)
+        all_rewards = torch.tensor(gather_object(rewards.tolist()), dtype=torch.float32).reshape(
+            -1, len(self.reward_funcs)
+        )
+        weighted = torch.nansum(all_rewards * self.reward_weights, dim=1)
+        metrics = {f"{metric_key_prefix}_reward": weighted.mean().item()}
+        for k, name in enumerate(self.reward_func_names):
+            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = torch.nanmean(all_rewards[:, k]).item()
+        if self.is_world_process_zero() and images:
+            n = min(args.num_images_to_log, len(images))
+            captions = [f"{p[:60]} | {r:.3f}" for p, r in zip(prompts[:n], weighted[:n].tolist())]
+            path = os.path.join(
+                args.output_dir, "samples", f"{metric_key_prefix}_step{self.state.global_step:06d}.png"
+            )
+            save_and_report_image(
+                image_grid(images[:n], captions),
+                path,
+                f"{metric_key_prefix}/samples",
+                self.state.global_step,
+                self.callback_handler.callbacks,
+            )
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # --------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Average the metrics collected since the last log (over steps and processes) and add them to `logs`."""
+        if not any(key.startswith("eval_") for key in logs) and self._metrics:
+            keys = sorted(self._metrics)
+            local = torch.tensor(
+                [sum(self._metrics[k]) / max(len(self._metrics[k]), 1) for k in keys], device=self.accelerator.device
+            )
+            averaged = self.accelerator.gather(local[None]).mean(dim=0).tolist()
+            logs = {**logs, **dict(zip(keys, averaged))}
+            self._metrics.clear()
+            if self.args.log_completions and self._last_samples is not None and self.is_world_process_zero():
+                self._log_sample_grid()
+        super().log(logs, start_time)
+
+    def _log_sample_grid(self) -> None:
+        images, prompts, rewards = self._last_samples
+        n = min(self.args.num_images_to_log, len(images))
+        captions = [f"{p[:60]} | {r:.3f}" for p, r in zip(prompts[:n], rewards[:n])]
+        step = self.state.global_step
+        path = os.path.join(self.args.output_dir, "samples", f"train_step{step:06d}.png")
+        save_and_report_image(
+            image_grid(images[:n], captions), path, "train/samples", step, self.callback_handler.callbacks
+        )
+
+    # ---------------------------------------------------------------- saving
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the LoRA as diffusers' `pytorch_lora_weights.safetensors` (or the full transformer)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        transformer = self.accelerator.unwrap_model(self.model)
+        if self.is_lora:
+            from peft.utils import get_peft_model_state_dict
+
+            lora_state = get_peft_model_state_dict(transformer, state_dict=state_dict)
+            metadata = transformer.peft_config["default"].to_dict()
+            self.adapter.save_lora_weights(output_dir, lora_state, metadata)
+        else:
+            transformer.save_pretrained(os.path.join(output_dir, "transformer"), safe_serialization=True)

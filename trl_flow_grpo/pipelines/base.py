@@ -1,0 +1,102 @@
+"""The adapter protocol: everything the trainer needs from a pipeline family, and nothing else.
+
+An adapter wraps one diffusers pipeline and reuses its own methods (``encode_prompt``, the VAE, the scheduler); it
+never copies the pipeline's ``__call__``. Adding a family (FLUX, Qwen-Image, ...) means one new file with one
+subclass, registered in ``trl_flow_grpo.pipelines.ADAPTERS``; the trainer has no ``if`` per family.
+"""
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+Conditioning = dict[str, torch.Tensor]
+"""Text conditioning of a batch: named tensors, batch dimension first, so that they can be sliced per sample."""
+
+
+def select(cond: Conditioning, index: torch.Tensor | slice | list[int]) -> Conditioning:
+    """The conditioning of a subset of the samples."""
+    return {key: value[index] for key, value in cond.items()}
+
+
+def concat(conds: list[Conditioning]) -> Conditioning:
+    """Concatenate the conditioning of several batches along the batch dimension."""
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+
+class PipelineAdapter(ABC):
+    """What Flow-GRPO needs from a flow-matching text-to-image pipeline."""
+
+    pipeline_class: ClassVar[type]
+    """The diffusers pipeline class this adapter serves (subclasses included)."""
+
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+        scheduler = pipeline.scheduler
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise ValueError(
+                f"The pipeline's scheduler is {type(scheduler).__name__}, but Flow-GRPO needs a flow-matching "
+                "scheduler (FlowMatchEulerDiscreteScheduler). If the model was trained with flow matching, set "
+                "`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`; "
+                "otherwise this model cannot be trained with Flow-GRPO."
+            )
+        # A private copy: computing a grid must not change the state of the user's pipeline.
+        self._scheduler = copy.deepcopy(scheduler)
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        """The denoiser that is trained."""
+        return self.pipeline.transformer
+
+    @property
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Modules that are never trained (VAE, text encoders): kept in eval mode, without gradients."""
+        names = [name for name, module in self.pipeline.components.items() if isinstance(module, torch.nn.Module)]
+        return [self.pipeline.components[name] for name in names if name != "transformer"]
+
+    @abstractmethod
+    def check_inputs(self, height: int, width: int) -> None:
+        """Raise a `ValueError` naming `height`/`width` if the model cannot produce that size."""
+
+    @abstractmethod
+    def encode_prompts(
+        self, prompts: list[str], device: torch.device, with_negative: bool, max_sequence_length: int
+    ) -> Conditioning:
+        """Text conditioning of `prompts` (and of the empty negative prompt when `with_negative`)."""
+
+    @abstractmethod
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one sample's latent (without the batch dimension)."""
+
+    @abstractmethod
+    def sigmas(self, num_inference_steps: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """The noise-level grid sigma_0 = 1 > ... > sigma_T = 0, float32, shape (T + 1,)."""
+
+    @abstractmethod
+    def velocity(
+        self,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Conditioning,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """Velocity v(x, sigma) after classifier-free guidance (none when `guidance_scale <= 1`), float32.
+
+        Args:
+            transformer: the (possibly wrapped) denoiser to call.
+            latents: shape (B, *latent_shape), float32.
+            sigma: shape (B,), float32.
+            cond: from `encode_prompts`, batch B.
+        """
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (B, *latent_shape) -> B PIL images."""
+
+    @abstractmethod
+    def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+        """Write `pytorch_lora_weights.safetensors` that `pipeline_class.load_lora_weights(output_dir)` loads."""

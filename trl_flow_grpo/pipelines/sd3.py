@@ -1,0 +1,102 @@
+"""Stable Diffusion 3 / 3.5 (`StableDiffusion3Pipeline`)."""
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+from PIL import Image
+
+from .base import Conditioning, PipelineAdapter
+
+
+class SD3Adapter(PipelineAdapter):
+    """SD3 takes latents (B, C, H/8, W/8), the timestep sigma * 1000, CLIP-L + CLIP-G + T5 text embeddings."""
+
+    pipeline_class = StableDiffusion3Pipeline
+
+    def check_inputs(self, height: int, width: int) -> None:
+        multiple = self.pipeline.vae_scale_factor * self.pipeline.patch_size
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple:
+                raise ValueError(
+                    f"{name}={value} is not divisible by {multiple} (VAE scale factor "
+                    f"{self.pipeline.vae_scale_factor} x patch size {self.pipeline.patch_size}); use "
+                    f"{name}={max(multiple, value - value % multiple)}."
+                )
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: list[str], device: torch.device, with_negative: bool, max_sequence_length: int
+    ) -> Conditioning:
+        embeds, neg_embeds, pooled, neg_pooled = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=with_negative,
+            negative_prompt=[""] * len(prompts) if with_negative else None,
+            max_sequence_length=max_sequence_length,
+        )
+        cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if with_negative:
+            cond |= {"negative_prompt_embeds": neg_embeds, "negative_pooled_prompt_embeds": neg_pooled}
+        return cond
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        factor = self.pipeline.vae_scale_factor
+        return (self.transformer.config.in_channels, height // factor, width // factor)
+
+    def sigmas(self, num_inference_steps: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        kwargs = {}
+        config = self._scheduler.config
+        if config.get("use_dynamic_shifting", False):
+            patch = self.transformer.config.patch_size
+            _, h, w = self.latent_shape(height, width)
+            kwargs["mu"] = calculate_shift(
+                (h // patch) * (w // patch),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        self._scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+        return self._scheduler.sigmas.to(device=device, dtype=torch.float32)
+
+    def velocity(
+        self,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Conditioning,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        dtype = cond["prompt_embeds"].dtype
+        embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+        use_cfg = guidance_scale > 1.0
+        if use_cfg:  # one forward on [uncond; cond], as the pipeline does
+            embeds = torch.cat([cond["negative_prompt_embeds"], embeds])
+            pooled = torch.cat([cond["negative_pooled_prompt_embeds"], pooled])
+            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+        timestep = sigma * self._scheduler.config.num_train_timesteps
+        out = transformer(
+            hidden_states=latents.to(dtype),
+            timestep=timestep.to(dtype),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0].float()
+        if use_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + guidance_scale * (text - uncond)
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.pipeline.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
+
+    def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+        StableDiffusion3Pipeline.save_lora_weights(
+            output_dir, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=metadata
+        )

@@ -1,0 +1,304 @@
+"""Reward-function plumbing: the built-in registry, name resolution and the batched call.
+
+A reward function follows TRL's calling convention. It is any callable (a plain function, an `async def` function,
+or an object with a `__call__` method) and is called with keyword arguments only:
+
+- `prompts`: `list[str]`, one prompt per sample;
+- `images`: `list[PIL.Image.Image]`, one generated image per sample;
+- every other dataset column, as a keyword holding a list with one entry per sample;
+- `trainer_state`: the trainer's `TrainerState` (may be `None`).
+
+It should accept `**kwargs` so that it keeps working when columns are added; a function without `**kwargs` is only
+passed the keywords it names. It returns one float per sample, or `None` for a sample it does not apply to (for
+example an OCR reward on a prompt without text). `None` entries become NaN in the reward matrix, and the trainer
+ignores them when combining rewards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+import numbers
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from .compression import jpeg_compressibility, jpeg_incompressibility
+
+__all__ = ["REWARD_FUNCS", "RewardFunc", "call_reward_funcs", "resolve_reward_func", "reward_func_name"]
+
+RewardFunc = Callable[..., Any]
+"""A reward function, sync or async (see the module docstring for the calling convention)."""
+
+REWARD_FUNCS: dict[str, RewardFunc] = {
+    "jpeg_compressibility": jpeg_compressibility,
+    "jpeg_incompressibility": jpeg_incompressibility,
+}
+"""Built-in reward functions by name. This is the single place a new built-in is registered. Built-ins that need
+heavy dependencies or a model download should import / load them lazily, inside the call."""
+
+_RESERVED_KWARGS = ("prompts", "images", "trainer_state")
+_MAX_SAMPLES_IN_WARNING = 10
+_MAX_PROMPT_CHARS_IN_WARNING = 100
+
+
+def reward_func_name(func: str | RewardFunc) -> str:
+    """Return a human-readable name for a reward function (used in logs and error messages).
+
+    - a built-in (or a registry name string): its registry name;
+    - a function or method: its `__name__`;
+    - a `functools.partial`: the name of the wrapped function;
+    - any other callable object: its class name.
+    """
+    if isinstance(func, str):
+        resolve_reward_func(func)  # raises ValueError on an unknown name
+        return func
+    for name, builtin in REWARD_FUNCS.items():
+        if func is builtin:
+            return name
+    if isinstance(func, functools.partial):
+        return reward_func_name(func.func)
+    name = getattr(func, "__name__", None)
+    if isinstance(name, str):
+        return name
+    return type(func).__name__
+
+
+def resolve_reward_func(func_or_name: str | RewardFunc) -> RewardFunc:
+    """Return the reward function for `func_or_name`.
+
+    A string is looked up in the built-in registry (`REWARD_FUNCS`); a callable is returned unchanged.
+
+    Raises:
+        ValueError: if a string does not name a built-in reward function.
+        TypeError: if the argument is neither a string nor callable.
+    """
+    if isinstance(func_or_name, str):
+        try:
+            return REWARD_FUNCS[func_or_name]
+        except KeyError:
+            available = ", ".join(repr(name) for name in sorted(REWARD_FUNCS))
+            raise ValueError(
+                f"Unknown reward function {func_or_name!r}. Available built-in reward functions: {available}. "
+                "You can also pass a callable (a function, an async function, or an object with `__call__`) that "
+                "takes `prompts`, `images`, the dataset columns and `trainer_state` as keywords and returns one "
+                "float (or None) per sample."
+            ) from None
+    if not callable(func_or_name):
+        raise TypeError(
+            f"A reward function must be a built-in name (str) or a callable, got {type(func_or_name).__name__}"
+        )
+    return func_or_name
+
+
+def _is_async(func: RewardFunc) -> bool:
+    """Whether calling `func` returns a coroutine (async function, async partial, or object with async `__call__`)."""
+    if inspect.iscoroutinefunction(func):
+        return True
+    if isinstance(func, type):
+        return False
+    return inspect.iscoroutinefunction(type(func).__call__)  # an instance with `async def __call__`
+
+
+def _select_kwargs(func: RewardFunc, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keywords to pass to `func`: all of them if it takes `**kwargs` (or has no inspectable signature), otherwise
+    only those it names."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {key: value for key, value in kwargs.items() if key in names}
+
+
+def _add_note(error: BaseException, name: str) -> None:
+    """Mark an exception raised inside a reward function with that function's name (Python >= 3.11)."""
+    if hasattr(error, "add_note"):
+        error.add_note(f"(raised by reward function {name!r})")
+
+
+def _to_float(name: str, index: int, value: Any) -> float:
+    """Convert one returned entry to a float; `None` becomes NaN."""
+    if value is None:
+        return math.nan
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"reward function {name!r} returned a non-numeric value for sample {index}: {value!r} "
+            f"(type {type(value).__name__}); expected a float, or None if the reward does not apply to the sample"
+        )
+    result = float(value)
+    if math.isnan(result):
+        raise ValueError(
+            f"reward function {name!r} returned NaN for sample {index}. Return None (not NaN) to mark a sample the "
+            "reward does not apply to."
+        )
+    if math.isinf(result):
+        raise ValueError(f"reward function {name!r} returned {result} for sample {index}; rewards must be finite")
+    return result
+
+
+def _to_float_list(name: str, result: Any, num_samples: int) -> list[float]:
+    """Validate one reward function's result and convert it to a list of floats (NaN for None)."""
+    if isinstance(result, (torch.Tensor, np.ndarray)):
+        if result.ndim != 1:
+            raise ValueError(
+                f"reward function {name!r} returned a {type(result).__name__} of shape {tuple(result.shape)}; "
+                f"expected a 1-D result with one value per sample ({num_samples})"
+            )
+        values = result.detach().cpu().tolist() if isinstance(result, torch.Tensor) else result.tolist()
+    elif isinstance(result, Sequence) and not isinstance(result, (str, bytes, bytearray)):
+        values = list(result)
+    else:
+        raise TypeError(
+            f"reward function {name!r} returned {type(result).__name__}; expected a list (or tuple, numpy array, "
+            "or torch tensor) with one float or None per sample"
+        )
+    if len(values) != num_samples:
+        raise ValueError(f"reward function {name!r} returned {len(values)} values for {num_samples} samples")
+    return [_to_float(name, index, value) for index, value in enumerate(values)]
+
+
+def _run_awaitables(factories: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Await the awaitables made by `factories` concurrently (one `asyncio.gather` in one event loop).
+
+    Uses `asyncio.run` when no event loop is running in this thread; from inside a running loop (which cannot be
+    blocked on re-entrantly), the gathering runs in a fresh thread with its own loop, and this call waits for it.
+    """
+
+    async def gather_all() -> list[Any]:
+        return list(await asyncio.gather(*(factory() for factory in factories)))
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(gather_all())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-funcs") as executor:
+        return executor.submit(asyncio.run, gather_all()).result()
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+async def _await_named(name: str, make_awaitable: Callable[[], Awaitable[Any]]) -> Any:
+    try:
+        return await make_awaitable()
+    except Exception as error:
+        _add_note(error, name)
+        raise
+
+
+def _warn_all_none(rewards: torch.Tensor, prompts: list[str]) -> None:
+    """Warn about samples for which every reward function returned None."""
+    indices = torch.isnan(rewards).all(dim=1).nonzero().flatten().tolist()
+    if not indices:
+        return
+    described = []
+    for index in indices[:_MAX_SAMPLES_IN_WARNING]:
+        prompt = str(prompts[index])
+        if len(prompt) > _MAX_PROMPT_CHARS_IN_WARNING:
+            prompt = prompt[: _MAX_PROMPT_CHARS_IN_WARNING - 3] + "..."
+        described.append(f"sample {index} (prompt {prompt!r})")
+    if len(indices) > _MAX_SAMPLES_IN_WARNING:
+        described.append(f"and {len(indices) - _MAX_SAMPLES_IN_WARNING} more")
+    warnings.warn(
+        f"All reward functions returned None for {len(indices)} sample(s): {', '.join(described)}. These samples get "
+        "no reward signal; make sure at least one reward function applies to every sample.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def call_reward_funcs(
+    reward_funcs: Sequence[RewardFunc],
+    prompts: list[str],
+    images: list,
+    columns: dict[str, list] | None = None,
+    trainer_state: Any = None,
+) -> torch.Tensor:
+    """Call every reward function on a batch and stack the results.
+
+    Each function is called as `func(prompts=prompts, images=images, **columns, trainer_state=trainer_state)`
+    (a function without `**kwargs` only gets the keywords it names). Sync functions run one after the other, in
+    order; async functions (and awaitables returned by sync ones) then run concurrently with each other, in a single
+    event loop.
+
+    Args:
+        reward_funcs: Reward functions (or built-in names, resolved with `resolve_reward_func`).
+        prompts: One prompt per sample.
+        images: One image per sample (normally `PIL.Image.Image`).
+        columns: Other dataset columns, name -> list with one entry per sample; passed as keywords.
+        trainer_state: Passed through as the `trainer_state` keyword.
+
+    Returns:
+        A float32 tensor of shape `(num_samples, num_funcs)`; column `j` holds the rewards of `reward_funcs[j]`, and
+        NaN marks a sample the function returned None for (not applicable).
+
+    Raises:
+        TypeError: a function returned something that is not a list / tuple / array / tensor, or a non-numeric entry.
+        ValueError: a function returned the wrong number of values, or NaN / inf (use None for "not applicable"); or
+            the inputs are inconsistent (lengths, a column named like a reserved keyword).
+    """
+    num_samples = len(prompts)
+    if len(images) != num_samples:
+        raise ValueError(f"got {len(images)} images for {num_samples} prompts")
+    columns = dict(columns or {})
+    for key, values in columns.items():
+        if key in _RESERVED_KWARGS:
+            raise ValueError(
+                f"dataset column {key!r} clashes with a reserved reward-function keyword {_RESERVED_KWARGS}"
+            )
+        if len(values) != num_samples:
+            raise ValueError(f"dataset column {key!r} has {len(values)} entries for {num_samples} samples")
+    kwargs = {"prompts": prompts, "images": images, **columns, "trainer_state": trainer_state}
+
+    funcs = [resolve_reward_func(func) for func in reward_funcs]
+    names = [reward_func_name(func) for func in funcs]
+    values: list[list[float] | None] = [None] * len(funcs)
+    pending: dict[int, Callable[[], Awaitable[Any]]] = {}  # function index -> makes the awaitable to gather
+    returned: list[Awaitable[Any]] = []  # awaitables already returned by sync functions
+
+    try:
+        for j, (func, name) in enumerate(zip(funcs, names)):
+            if _is_async(func):
+                pending[j] = functools.partial(func, **_select_kwargs(func, kwargs))
+                continue
+            try:
+                result = func(**_select_kwargs(func, kwargs))
+            except Exception as error:
+                _add_note(error, name)
+                raise
+            if inspect.isawaitable(result):  # e.g. a sync wrapper around an async function
+                returned.append(result)
+                pending[j] = functools.partial(_identity, result)
+            else:
+                values[j] = _to_float_list(name, result, num_samples)
+    except BaseException:
+        for awaitable in returned:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # avoid "coroutine was never awaited"
+        raise
+
+    if pending:
+        order = list(pending)
+        factories = [functools.partial(_await_named, names[j], pending[j]) for j in order]
+        for j, result in zip(order, _run_awaitables(factories)):
+            values[j] = _to_float_list(names[j], result, num_samples)
+
+    rewards = torch.full((num_samples, len(funcs)), math.nan, dtype=torch.float32)
+    for j, column in enumerate(values):
+        if num_samples:
+            rewards[:, j] = torch.tensor(column, dtype=torch.float64).to(torch.float32)
+    if funcs:
+        _warn_all_none(rewards, prompts)
+    return rewards

@@ -1,0 +1,304 @@
+"""Tiny, fully offline diffusers pipelines for tests.
+
+This module is public: use it in your own tests to exercise code that drives a
+[`~diffusers.StableDiffusion3Pipeline`] (sampling, log-prob computation, LoRA training, saving/loading) without
+downloading anything from the Hugging Face Hub. Every component is built in code with random weights:
+
+- a 2-layer [`~diffusers.SD3Transformer2DModel`] (2 heads x 8 dims, patch size 2, 16 latent channels),
+- a 2-block [`~diffusers.AutoencoderKL`] (VAE scale factor 2, SD3's `scaling_factor`/`shift_factor`),
+- SD3's [`~diffusers.FlowMatchEulerDiscreteScheduler`] (`shift=3.0`),
+- two 2-layer [`~transformers.CLIPTextModelWithProjection`] text encoders (hidden size 32, projection 32) with
+  byte-level BPE [`~transformers.CLIPTokenizer`]s whose vocabulary (every byte plus merges for common words) is
+  generated in code, so any prompt tokenizes without unknown tokens and different prompts tokenize differently,
+- optionally a 2-layer [`~transformers.T5EncoderModel`] (`d_model=64`) with a Unigram [`~transformers.T5Tokenizer`]
+  built in code.
+
+The images are noise, of course; the point is that shapes, dtypes, configs and code paths match the real model.
+
+Example:
+
+```python
+import torch
+from trl_flow_grpo.testing import make_tiny_sd3_pipeline, tiny_lora_config
+
+pipe = make_tiny_sd3_pipeline(seed=0)
+image = pipe("a red circle", num_inference_steps=2, height=32, width=32, generator=torch.manual_seed(0)).images[0]
+pipe.transformer.add_adapter(tiny_lora_config())
+```
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from peft import LoraConfig
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+__all__ = [
+    "TINY_SD3_LORA_TARGET_MODULES",
+    "TINY_WORDS",
+    "make_tiny_clip_tokenizer",
+    "make_tiny_sd3_pipeline",
+    "make_tiny_t5_tokenizer",
+    "tiny_lora_config",
+]
+
+# Words that get their own token (CLIP: a chain of BPE merges; T5: a whole-word Unigram piece). Anything else is
+# spelled out character by character, so every prompt is representable.
+TINY_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "and", "in", "on", "with", "photo", "image", "picture", "painting", "drawing",
+    "red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown",
+    "circle", "square", "triangle", "cat", "dog", "bird", "car", "house", "tree", "apple", "person",
+    "one", "two", "three", "four", "five", "small", "large", "big", "left", "right", "next", "to",
+)  # fmt: skip
+
+#: The attention projections of SD3's joint transformer blocks (image stream and text stream).
+TINY_SD3_LORA_TARGET_MODULES: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+
+_CLIP_MAX_LENGTH = 77  # SD3 pads CLIP prompts to `tokenizer.model_max_length`; the text encoders have 77 positions.
+_CLIP_HIDDEN_SIZE = 32
+_CLIP_PROJECTION_DIM = 32
+_T5_D_MODEL = 64
+# SD3 concatenates the two CLIP hidden states along the feature axis and zero-pads them to the T5 width.
+_JOINT_ATTENTION_DIM = 2 * _CLIP_HIDDEN_SIZE
+_POOLED_PROJECTION_DIM = 2 * _CLIP_PROJECTION_DIM
+_LATENT_CHANNELS = 16
+_VAE_BLOCK_OUT_CHANNELS = (8, 16)
+_VAE_SCALE_FACTOR = 2 ** (len(_VAE_BLOCK_OUT_CHANNELS) - 1)
+_PATCH_SIZE = 2
+_NUM_HEADS = 2
+_HEAD_DIM = 8
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode character map used by byte-level BPE."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def make_tiny_clip_tokenizer(model_max_length: int = _CLIP_MAX_LENGTH) -> CLIPTokenizer:
+    """Build a small byte-level BPE [`~transformers.CLIPTokenizer`] entirely in code.
+
+    The vocabulary is laid out like OpenAI CLIP's: the 256 byte symbols, the same symbols with the `</w>`
+    end-of-word suffix, the merged symbols of [`TINY_WORDS`], then `<|startoftext|>` and `<|endoftext|>` (which is
+    also the pad and unknown token). Every input can be encoded without unknown tokens.
+
+    Args:
+        model_max_length: Padding/truncation length. SD3 pads CLIP prompts to this length, so it must match the
+            text encoders' `max_position_embeddings` (77 for the real model and for [`make_tiny_sd3_pipeline`]).
+
+    Returns:
+        The tokenizer, with `bos_token_id = len(vocab) - 2` and `eos_token_id = pad_token_id = len(vocab) - 1`.
+    """
+    byte_symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for symbol in byte_symbols + [s + "</w>" for s in byte_symbols]:
+        vocab[symbol] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in TINY_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            merged = left + right
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((left, right))
+            left = merged
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def make_tiny_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
+    """Build a small Unigram [`~transformers.T5Tokenizer`] entirely in code.
+
+    Ids 0, 1, 2 are `<pad>`, `</s>`, `<unk>` as in T5. Each word of [`TINY_WORDS`] is a single `▁word` piece; other
+    text falls back to `▁` plus one piece per printable ASCII character. There are no `<extra_id_*>` sentinels.
+
+    Args:
+        model_max_length: Maximum sequence length recorded on the tokenizer (SD3 passes its own `max_length`).
+    """
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + word, -3.0) for word in TINY_WORDS]
+    vocab += [(chr(c), -4.0) for c in range(ord("!"), ord("~") + 1)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=_CLIP_HIDDEN_SIZE,
+        intermediate_size=37,
+        projection_dim=_CLIP_PROJECTION_DIM,
+        num_hidden_layers=2,  # SD3 uses hidden_states[-2], so at least two layers are needed
+        num_attention_heads=4,
+        max_position_embeddings=_CLIP_MAX_LENGTH,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,  # pooled output is read at the first eos token
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def make_tiny_sd3_pipeline(
+    seed: int = 0,
+    *,
+    sample_size: int = 32,
+    with_t5: bool = False,
+    torch_dtype: torch.dtype = torch.float32,
+) -> StableDiffusion3Pipeline:
+    """Build a tiny, randomly initialised [`~diffusers.StableDiffusion3Pipeline`] without touching the network.
+
+    Weights are drawn from the CPU random generator seeded with `seed` inside `torch.random.fork_rng`, so the same
+    seed gives identical weights and the caller's global RNG state is left untouched. Models are returned on CPU,
+    in eval mode, with `requires_grad` left at its default (`True`): freezing is the caller's decision.
+
+    Configuration (with the default `sample_size=32`):
+
+    - VAE: 2 blocks `(8, 16)`, 16 latent channels, scale factor 2, `scaling_factor=1.5305`,
+      `shift_factor=0.0609`, no quant convs (as in SD3).
+    - Transformer: `sample_size = sample_size // 2` latent pixels, patch size 2, 2 layers, 2 heads x 8 dims,
+      `joint_attention_dim=64`, `caption_projection_dim=16`, `pooled_projection_dim=64`, `pos_embed_max_size`
+      at least 32 (so images up to 128 px can be sampled).
+    - Text: two CLIP encoders (hidden 32, projection 32, 77 positions); with `with_t5=True` a T5 encoder with
+      `d_model=64` (= `joint_attention_dim`), otherwise SD3 fills the T5 part of the prompt embeddings with zeros.
+
+    `pipe.save_pretrained(path)` round-trips exactly. Without T5, reload with
+    `StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)`: diffusers treats the T5
+    slots as required components and otherwise refuses to load a pipeline saved without them.
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; must be a multiple of 4 (VAE factor x patch size).
+        with_t5: Whether to include the third (T5) text encoder and tokenizer.
+        torch_dtype: dtype of all model weights.
+
+    Returns:
+        The pipeline, on CPU.
+    """
+    multiple = _VAE_SCALE_FACTOR * _PATCH_SIZE
+    if sample_size <= 0 or sample_size % multiple != 0:
+        raise ValueError(f"sample_size must be a positive multiple of {multiple}, got {sample_size}.")
+    latent_size = sample_size // _VAE_SCALE_FACTOR
+
+    tokenizer = make_tiny_clip_tokenizer()
+    tokenizer_2 = make_tiny_clip_tokenizer()
+    tokenizer_3 = make_tiny_t5_tokenizer() if with_t5 else None
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=latent_size,
+            patch_size=_PATCH_SIZE,
+            in_channels=_LATENT_CHANNELS,
+            num_layers=2,
+            attention_head_dim=_HEAD_DIM,
+            num_attention_heads=_NUM_HEADS,
+            joint_attention_dim=_JOINT_ATTENTION_DIM,
+            caption_projection_dim=_NUM_HEADS * _HEAD_DIM,
+            pooled_projection_dim=_POOLED_PROJECTION_DIM,
+            out_channels=_LATENT_CHANNELS,
+            pos_embed_max_size=max(32, latent_size // _PATCH_SIZE),
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+            up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+            block_out_channels=_VAE_BLOCK_OUT_CHANNELS,
+            layers_per_block=1,
+            latent_channels=_LATENT_CHANNELS,
+            norm_num_groups=4,
+            sample_size=sample_size,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder = _clip_text_encoder(tokenizer)
+        text_encoder_2 = _clip_text_encoder(tokenizer_2)
+        text_encoder_3 = None
+        if with_t5:
+            t5_config = T5Config(
+                vocab_size=len(tokenizer_3),
+                d_model=_T5_D_MODEL,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                feed_forward_proj="gated-gelu",  # T5 v1.1, as used by SD3
+                pad_token_id=tokenizer_3.pad_token_id,
+                eos_token_id=tokenizer_3.eos_token_id,
+                decoder_start_token_id=tokenizer_3.pad_token_id,
+            )
+            text_encoder_3 = T5EncoderModel(t5_config)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    models = [transformer, vae, text_encoder, text_encoder_2, text_encoder_3]
+    for model in models:
+        if model is None:
+            continue
+        if torch_dtype != torch.float32:
+            # `torch.nn.Module.to` rather than `ModelMixin.to`, which warns about `_keep_in_fp32_modules` on every
+            # dtype cast even when (as here) that list is empty.
+            torch.nn.Module.to(model, dtype=torch_dtype)
+        model.eval()
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def tiny_lora_config(r: int = 4, lora_alpha: int = 8) -> LoraConfig:
+    """A [`~peft.LoraConfig`] targeting the attention projections of an SD3 transformer.
+
+    Targets `to_q`, `to_k`, `to_v`, `to_out.0` (image stream) and `add_q_proj`, `add_k_proj`, `add_v_proj`,
+    `to_add_out` (text stream; the last block of SD3 has no `to_add_out`). LoRA weights are initialised with
+    `init_lora_weights="gaussian"` (so B is zero and the adapter starts as a no-op). Use it with
+    `pipe.transformer.add_adapter(tiny_lora_config())`.
+
+    Args:
+        r: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+    """
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        init_lora_weights="gaussian",
+        target_modules=list(TINY_SD3_LORA_TARGET_MODULES),
+    )
