@@ -37,6 +37,8 @@ def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Te
     Returns:
         `(mean, std)`, each of shape (N,), broadcast back to the samples.
     """
+    out_dtype = values.dtype
+    values = values.double()  # float32 sums leave ~1e-7 residues that `/ (std + 1e-4)` would amplify
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
     valid = ~torch.isnan(values)
@@ -46,7 +48,7 @@ def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Te
     mean = total / count.clamp(min=1)
     sq_dev = torch.where(valid, (values - mean[inverse]) ** 2, torch.zeros_like(values))
     var = torch.zeros_like(count).index_add_(0, inverse, sq_dev) / count.clamp(min=1)
-    return mean[inverse], var.sqrt()[inverse]
+    return mean[inverse].to(out_dtype), var.sqrt()[inverse].to(out_dtype)
 
 
 def _normalize(values: torch.Tensor, group_ids: torch.Tensor, scale_rewards: str) -> torch.Tensor:

@@ -302,4 +302,4 @@ class FlowGRPOConfig(TrainingArguments):
     @property
     def num_sde_steps(self) -> int:
         """Recorded (trained) SDE steps per rollout."""
-        return math.floor(self.num_inference_steps * self.timestep_fraction)
+        return math.floor(self.num_inference_steps * self.timestep_fraction + 1e-9)  # 100 * 0.29 is 28.999...
