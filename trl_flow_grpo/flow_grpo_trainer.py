@@ -295,7 +295,7 @@ class FlowGRPOTrainer(Trainer):
         start = time.perf_counter()
         micro_batches, images = [], []
         show = self.is_local_process_zero() and not args.disable_tqdm
-        for index, rows in enumerate(tqdm(batches, desc="rollout", leave=False, disable=not show)):
+        for index, rows in enumerate(tqdm(batches, desc="rollout", leave=False, disable=not show, delay=2)):
             prompts = [row["prompt"] for row in rows]
             cond = self.adapter.encode_prompts(prompts, device, self.rollout_guidance > 1, args.max_sequence_length)
             generator = torch.Generator(device).manual_seed(
@@ -484,7 +484,7 @@ class FlowGRPOTrainer(Trainer):
         batch_size = args.per_device_eval_batch_size
         images, prompts, rows = [], [], []
         show = self.is_local_process_zero() and not args.disable_tqdm
-        for start in tqdm(range(0, len(indices), batch_size), desc="evaluate", leave=False, disable=not show):
+        for start in tqdm(range(0, len(indices), batch_size), desc="evaluate", leave=False, disable=not show, delay=2):
             chunk = [dataset[i] for i in indices[start : start + batch_size]]
             batch_prompts = [row["prompt"] for row in chunk]
             cond = self.adapter.encode_prompts(
