@@ -467,7 +467,8 @@ def test_log_completions_and_deterministic_evaluate(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ 8. gradient checkpointing
-def test_gradient_checkpointing_trains_with_diffusers_checkpointing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("field", ["gradient_checkpointing", "activation_checkpointing"])
+def test_gradient_checkpointing_trains_with_diffusers_checkpointing(tmp_path, monkeypatch, field):
     calls = []
     original = torch.utils.checkpoint.checkpoint
 
@@ -475,20 +476,25 @@ def test_gradient_checkpointing_trains_with_diffusers_checkpointing(tmp_path, mo
         calls.append(kwargs.get("use_reentrant"))
         return original(*args, **kwargs)
 
+    # diffusers' default checkpointing function looks `torch.utils.checkpoint.checkpoint` up at call time.
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
 
     grad_norms = {}
     for checkpointing in (False, True):
         pipe = make_tiny_sd3_pipeline()
-        args = make_args(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, max_steps=1)
+        args = make_args(tmp_path / str(checkpointing), max_steps=1, **{field: checkpointing})
         trainer = FlowGRPOTrainer(
             pipe, "jpeg_compressibility", args=args, train_dataset=prompt_dataset(), peft_config=tiny_lora_config()
         )
+        assert getattr(args, field) == checkpointing  # the user's config is not modified
         assert pipe.transformer.is_gradient_checkpointing == checkpointing
         lora_before = lora_params(pipe.transformer)
         calls.clear()
         trainer.train()
-        assert bool(calls) == checkpointing
+        assert trainer.state.global_step == 1
+        # Every checkpointed block call goes through torch's non-reentrant checkpoint (LoRA params get gradients).
+        assert len(calls) > 0 if checkpointing else not calls
+        assert all(use_reentrant is False for use_reentrant in calls)
         lora_after = lora_params(pipe.transformer)
         assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before)
         grad_norms[checkpointing] = logged(trainer, "grad_norm")[0]
@@ -596,3 +602,21 @@ def test_initial_noise_direct(tmp_path):
     assert not torch.equal(noise[0], noise[2])
     # The same group gets the same noise in another micro-batch (groups may span micro-batches and processes).
     assert torch.equal(trainer._initial_noise(rows[2:], 1)[0], noise[2])
+
+
+def test_lora_initialisation_follows_args_seed(tmp_path):
+    def initial_lora(seed: int) -> dict[str, torch.Tensor]:
+        torch.randn(7)  # whatever state the global RNG is in must not matter
+        pipe = make_tiny_sd3_pipeline()
+        FlowGRPOTrainer(
+            pipe,
+            "jpeg_compressibility",
+            args=make_args(tmp_path / str(seed), seed=seed),
+            train_dataset=prompt_dataset(),
+            peft_config=tiny_lora_config(),
+        )
+        return lora_params(pipe.transformer)
+
+    first, again, other = initial_lora(1), initial_lora(1), initial_lora(2)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)

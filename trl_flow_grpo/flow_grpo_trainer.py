@@ -24,7 +24,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 
 from .advantages import compute_advantages
 from .flow_grpo_config import FlowGRPOConfig
@@ -203,6 +203,7 @@ class FlowGRPOTrainer(Trainer):
             module.requires_grad_(False)
             module.eval()
 
+        set_seed(args.seed)  # the LoRA's random init follows args.seed, like everything else
         transformer = self.adapter.transformer
         self.ref_transformer = None
         self.is_lora = peft_config is not None
@@ -222,10 +223,14 @@ class FlowGRPOTrainer(Trainer):
             transformer.requires_grad_(True)
             if args.beta > 0:
                 self.ref_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
-        if args.gradient_checkpointing:
-            # transformers would call `gradient_checkpointing_enable()`, which diffusers models do not have.
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
+            # transformers would call `gradient_checkpointing_enable()`, which diffusers models do not have: use
+            # diffusers' own, and hide the flag from transformers on a copy (the user's config stays as it was).
             transformer.enable_gradient_checkpointing()
+            args = copy.copy(args)
             args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._buffer: list[dict] | None = None
