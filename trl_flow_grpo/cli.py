@@ -127,6 +127,11 @@ def _load_datasets(script_args: TrainScriptArguments):
     from datasets import Dataset, load_dataset
 
     if script_args.dataset_name is None:
+        if script_args.model_name_or_path is not None:
+            raise ValueError(
+                "--dataset_name is required with --model_name_or_path: a Hub dataset id, a dataset folder or a file "
+                "of prompts (.txt with one prompt per line, .json/.jsonl/.csv/.parquet with a 'prompt' column)."
+            )
         return Dataset.from_dict({"prompt": DEMO_PROMPTS}), Dataset.from_dict({"prompt": DEMO_EVAL_PROMPTS})
     name = script_args.dataset_name
     extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
@@ -151,38 +156,39 @@ def _load_datasets(script_args: TrainScriptArguments):
     return prepare(script_args.dataset_train_split), test
 
 
-def _concise_progress(show_bar: bool):
+def _log_line(state, logs: dict) -> str | None:
+    """One short line for a log entry: the reward and its change since the first log, or the held-out reward."""
+    step = f"step {state.global_step:>4}/{state.max_steps}" if state.max_steps else "before training"
+    if "reward" in logs:
+        return (
+            f"{step} | reward {logs['reward']:+.4f} | kl {logs.get('kl', 0.0):.2e} | "
+            f"loss {logs.get('loss', float('nan')):+.2e}"
+        )
+    if "eval_reward" in logs:
+        return f"{step} | held-out reward {logs['eval_reward']:+.4f}"
+    return None
+
+
+def _concise_logging(show_bar: bool):
     """Replaces transformers' progress/printer callback: the bar (if shown) plus one short line per log."""
+    from transformers import TrainerCallback
     from transformers.trainer_callback import ProgressCallback
 
     class ConciseProgress(ProgressCallback):
-        first: float | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if show_bar:
-                super().on_train_begin(args, state, control, **kwargs)
-
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            if "reward" in logs:
-                reward = logs["reward"]
-                self.first = reward if self.first is None else self.first
-                line = (
-                    f"step {state.global_step:>4}/{state.max_steps} | reward {reward:+.4f} "
-                    f"({reward - self.first:+.4f} since the first log) | kl {logs.get('kl', 0.0):.2e} | "
-                    f"loss {logs.get('loss', float('nan')):+.2e}"
-                )
-            elif "eval_reward" in logs:
-                line = f"step {state.global_step:>4}/{state.max_steps} | held-out reward {logs['eval_reward']:+.4f}"
-            else:
-                return
-            if self.training_bar is not None:
+            line = _log_line(state, logs or {}) if state.is_world_process_zero else None
+            if line and self.training_bar is not None:
                 self.training_bar.write(line)
-            else:
+            elif line:
                 print(line, flush=True)
 
-    return ConciseProgress()
+    class ConcisePrinter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            line = _log_line(state, logs or {}) if state.is_world_process_zero else None
+            if line:
+                print(line, flush=True)
+
+    return ConciseProgress() if show_bar else ConcisePrinter()
 
 
 def train(argv: list[str]) -> None:
@@ -230,7 +236,7 @@ def train(argv: list[str]) -> None:
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(_concise_progress(show_bar=not training_args.disable_tqdm))
+    trainer.add_callback(_concise_logging(show_bar=not training_args.disable_tqdm))
     print(
         f"One optimizer step: {training_args.generation_batch_size} images "
         f"({training_args.generation_batch_size // training_args.num_generations} prompts x "

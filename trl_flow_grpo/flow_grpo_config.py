@@ -26,9 +26,10 @@ class FlowGRPOConfig(TrainingArguments):
     `per_device_train_batch_size * gradient_accumulation_steps * num_processes` images, i.e.
     `generation_batch_size / num_generations` prompts with `num_generations` images each. All of them are sampled
     first (in chunks of `per_device_train_batch_size` per process), scored, and turned into group-relative advantages;
-    then every recorded SDE step of every image is one backward pass (one micro-step of gradient accumulation):
-    `generation_batch_size * num_sde_steps / num_processes` backward passes per process per optimizer step. With
-    `num_iterations > 1` the same samples are reused for that many optimizer steps (later ones are off-policy).
+    then each chunk is trained on one recorded SDE step at a time, one forward + backward pass per step (a micro-step
+    of gradient accumulation): `gradient_accumulation_steps * num_sde_steps` backward passes per process per
+    optimizer step, each over `per_device_train_batch_size` images. With `num_iterations > 1` the same samples are
+    reused for that many optimizer steps (later ones are off-policy).
 
     Parameters:
         > Parameters that control the model

@@ -192,9 +192,9 @@ class FlowGRPOTrainer(Trainer):
             from diffusers import DiffusionPipeline
 
             init_kwargs = dict(args.model_init_kwargs or {})
-            dtype = init_kwargs.get("torch_dtype")
-            if isinstance(dtype, str) and dtype != "auto":
-                init_kwargs["torch_dtype"] = getattr(torch, dtype)
+            for key in ("dtype", "torch_dtype"):  # diffusers >= 0.36 prefers `dtype`; accept both, as strings too
+                if isinstance(init_kwargs.get(key), str) and init_kwargs[key] != "auto":
+                    init_kwargs[key] = getattr(torch, init_kwargs[key])
             model = DiffusionPipeline.from_pretrained(model, **init_kwargs)
         self.adapter = get_adapter(model)
         self.adapter.check_inputs(args.height, args.width)
@@ -372,9 +372,10 @@ class FlowGRPOTrainer(Trainer):
     def _log_generation_metrics(self, rewards: torch.Tensor, result: Any, rollout_time: float, reward_time: float):
         metrics = self._metrics
         for k, name in enumerate(self.reward_func_names):
-            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards[:, k]).item())
             finite = rewards[:, k][~torch.isnan(rewards[:, k])]
-            metrics[f"rewards/{name}/std"].append(finite.std(unbiased=False).item() if finite.numel() else 0.0)
+            if finite.numel():  # a reward that applied to no sample of this batch has no mean to log
+                metrics[f"rewards/{name}/mean"].append(finite.mean().item())
+                metrics[f"rewards/{name}/std"].append(finite.std(unbiased=False).item())
         metrics["reward"].append(result.rewards.mean().item())
         metrics["reward_std"].append(result.group_std.mean().item())
         metrics["frac_reward_zero_std"].append(result.frac_zero_std)
