@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..toy.geneval import shapes_geneval
 from .compression import jpeg_compressibility, jpeg_incompressibility
 
 __all__ = ["REWARD_FUNCS", "RewardFunc", "call_reward_funcs", "resolve_reward_func", "reward_func_name"]
@@ -39,6 +40,7 @@ RewardFunc = Callable[..., Any]
 REWARD_FUNCS: dict[str, RewardFunc] = {
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
+    "shapes_geneval": shapes_geneval,
 }
 """Built-in reward functions by name. This is the single place a new built-in is registered. Built-ins that need
 heavy dependencies or a model download should import / load them lazily, inside the call."""
