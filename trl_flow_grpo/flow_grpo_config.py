@@ -6,7 +6,9 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .sampling.dpm import ODE_SOLVERS
 from .sampling.steps import SDE_TYPES
+from .sampling.windows import WINDOW_SCHEDULES, WINDOW_TYPES, default_window_range
 
 KL_TYPES = ("mean", "velocity")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -65,10 +67,56 @@ class FlowGRPOConfig(TrainingArguments):
         width (`int`, *optional*, defaults to `512`):
             Image width in pixels.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
-            The first `floor(num_inference_steps * timestep_fraction)` steps are SDE steps, recorded and trained; the
-            rest are ODE steps (the last step's Gaussian is too narrow to train on).
+            With `sde_window="full"`, the first `floor(num_inference_steps * timestep_fraction)` steps are SDE steps,
+            recorded and trained; the rest are ODE steps (the last step's Gaussian is too narrow to train on).
         same_latent (`bool`, *optional*, defaults to `False`):
             Whether the images of one group start from the same initial noise (they still differ by the SDE noise).
+            The ODE steps before the SDE window are then identical within a group and are computed once per prompt
+            (shared prefix), which makes windows that start late cheaper.
+
+        > Parameters that control which steps are SDE (the window) and the ODE steps after it
+
+        sde_window (`str`, *optional*, defaults to `"full"`):
+            Which steps are SDE (recorded and trained) at each iteration; all others are ODE steps. `"full"`
+            (Flow-GRPO): the first `floor(num_inference_steps * timestep_fraction)` steps. `"random"`
+            (Flow-GRPO-Fast): `sde_window_size` steps at a random start in `sde_window_range`. `"sliding"` (MixGRPO):
+            `sde_window_size` steps whose start moves by `sde_window_stride` every `sde_window_shift_interval`
+            iterations. `"frozen"` (MixGRPO-Flash*): `sde_window_size` steps from the start of `sde_window_range`.
+            The window is the same for every image of a group and on every process; the iteration is the index of
+            the generation batch (`global_step // num_iterations`). See `docs/efficient_sampling.md`.
+        sde_window_size (`int`, *optional*):
+            Number of SDE steps of a `"random"`, `"sliding"` or `"frozen"` window. Defaults to `2` for `"random"`
+            (Flow-GRPO-Fast uses 1 to 3) and `4` otherwise (MixGRPO). Not used by `"full"`.
+        sde_window_range (`list[int]`, *optional*):
+            `[start, end)`: the steps the window may cover. Defaults to `[0, num_inference_steps // 2]` for
+            `"random"` (the high-noise half) and `[0, num_inference_steps - 2]` for `"sliding"` and `"frozen"`
+            (MixGRPO). A `"frozen"` window starts at `start`.
+        sde_window_shift_interval (`int`, *optional*, defaults to `25`):
+            Iterations a `"sliding"` window stays in place before it moves (MixGRPO's tau). With a decaying
+            `sde_window_schedule`, the interval at the start of the range.
+        sde_window_stride (`int`, *optional*, defaults to `1`):
+            Steps a `"sliding"` window moves by at each shift.
+        sde_window_roll_back (`bool`, *optional*, defaults to `True`):
+            Whether a `"sliding"` window that reaches the end of its range goes back to the start (otherwise it stays
+            at the end).
+        sde_window_schedule (`str`, *optional*, defaults to `"constant"`):
+            How the shift interval of a `"sliding"` window evolves as the window moves to later steps (MixGRPO):
+            `"constant"`, `"linear_decay"` (linearly from `sde_window_shift_interval` down to
+            `sde_window_min_shift_interval` over the range) or `"exp_decay"` (constant for the first
+            `sde_window_decay_threshold` steps, then multiplied by `exp(-sde_window_decay_rate)` per step).
+        sde_window_min_shift_interval (`int`, *optional*, defaults to `1`):
+            Smallest shift interval of a decaying schedule.
+        sde_window_decay_rate (`float`, *optional*, defaults to `0.1`):
+            Rate `k` of the `"exp_decay"` schedule.
+        sde_window_decay_threshold (`int`, *optional*, defaults to `13`):
+            Steps from the start of the range after which the `"exp_decay"` schedule starts decaying.
+        ode_solver (`str`, *optional*, defaults to `"euler"`):
+            Solver of the ODE steps after the window: `"euler"`, or `"dpm_solver++_2m"` (DPM-Solver++(2M) in
+            data-prediction form; with `ode_compression < 1` this is MixGRPO-Flash). The steps before the window stay
+            Euler steps on the grid.
+        ode_compression (`float`, *optional*, defaults to `1.0`):
+            The `R` ODE steps after the window are replaced by `max(floor(ode_compression * R), 1)` steps spread
+            over the same noise range. `1` keeps the grid; MixGRPO-Flash uses `0.4` with `"dpm_solver++_2m"`.
 
         > Parameters that control the training objective
 
@@ -158,7 +206,64 @@ class FlowGRPOConfig(TrainingArguments):
         metadata={"help": "The first floor(num_inference_steps * timestep_fraction) steps are SDE steps (trained)."},
     )
     same_latent: bool = field(
-        default=False, metadata={"help": "Whether the images of a group start from the same initial noise."}
+        default=False,
+        metadata={
+            "help": "Whether the images of a group start from the same initial noise (the ODE steps before the "
+            "window are then computed once per prompt)."
+        },
+    )
+
+    # --- SDE window and ODE tail ---
+    sde_window: str = field(
+        default="full",
+        metadata={
+            "help": "Which steps are SDE: `full` (Flow-GRPO), `random` (Flow-GRPO-Fast), `sliding` (MixGRPO) or "
+            "`frozen` (MixGRPO-Flash*).",
+            "choices": WINDOW_TYPES,
+        },
+    )
+    sde_window_size: int | None = field(
+        default=None,
+        metadata={"help": "SDE steps of a random/sliding/frozen window; defaults to 2 for random, 4 otherwise."},
+    )
+    sde_window_range: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "[start, end): the steps the window may cover. Defaults to [0, T // 2] for random, [0, T - 2] "
+            "for sliding and frozen."
+        },
+    )
+    sde_window_shift_interval: int = field(
+        default=25, metadata={"help": "Iterations a sliding window stays in place before it moves."}
+    )
+    sde_window_stride: int = field(default=1, metadata={"help": "Steps a sliding window moves by at each shift."})
+    sde_window_roll_back: bool = field(
+        default=True, metadata={"help": "Whether a sliding window goes back to the start after the end of its range."}
+    )
+    sde_window_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "Shift interval of a sliding window: `constant`, `linear_decay` or `exp_decay`.",
+            "choices": WINDOW_SCHEDULES,
+        },
+    )
+    sde_window_min_shift_interval: int = field(
+        default=1, metadata={"help": "Smallest shift interval of a decaying schedule."}
+    )
+    sde_window_decay_rate: float = field(default=0.1, metadata={"help": "Rate k of the exp_decay schedule."})
+    sde_window_decay_threshold: int = field(
+        default=13, metadata={"help": "Steps into the range after which exp_decay starts decaying."}
+    )
+    ode_solver: str = field(
+        default="euler",
+        metadata={
+            "help": "Solver of the ODE steps after the window: `euler` or `dpm_solver++_2m`.",
+            "choices": ODE_SOLVERS,
+        },
+    )
+    ode_compression: float = field(
+        default=1.0,
+        metadata={"help": "The R ODE steps after the window become max(floor(ode_compression * R), 1) steps."},
     )
 
     # --- objective ---
@@ -238,6 +343,9 @@ class FlowGRPOConfig(TrainingArguments):
         self._check_choice("kl_type", KL_TYPES)
         self._check_choice("scale_rewards", SCALE_REWARDS)
         self._check_choice("multi_objective_aggregation", AGGREGATIONS)
+        self._check_choice("sde_window", WINDOW_TYPES)
+        self._check_choice("sde_window_schedule", WINDOW_SCHEDULES)
+        self._check_choice("ode_solver", ODE_SOLVERS)
 
         if self.num_generations < 2:
             raise ValueError(
@@ -251,7 +359,8 @@ class FlowGRPOConfig(TrainingArguments):
             )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}.")
-        if self.num_sde_steps < 1:
+        self._check_window()
+        if self.sde_window == "full" and self.num_sde_steps < 1:
             raise ValueError(
                 f"num_inference_steps * timestep_fraction = {self.num_inference_steps} * {self.timestep_fraction} "
                 "rounds down to 0 SDE steps, so nothing would be trained. Raise either value."
@@ -286,6 +395,57 @@ class FlowGRPOConfig(TrainingArguments):
                 f"gradient_accumulation_steps={self._suggest_accumulation()}."
             )
 
+    def _check_window(self) -> None:
+        """Validate the window and tail fields; fill in the defaults of `sde_window_size` and `sde_window_range`."""
+        steps = self.num_inference_steps
+        if self.sde_window == "full":
+            for name in ("sde_window_size", "sde_window_range"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} has no effect with sde_window='full', whose SDE steps are the "
+                        "first floor(num_inference_steps * timestep_fraction). Set sde_window to 'random', 'sliding' "
+                        f"or 'frozen', or leave {name} unset."
+                    )
+        else:
+            if self.sde_window_size is None:
+                self.sde_window_size = 2 if self.sde_window == "random" else 4
+            if not 1 <= self.sde_window_size <= steps:
+                raise ValueError(
+                    f"sde_window_size={self.sde_window_size} must be between 1 and num_inference_steps={steps}. "
+                    f"Use e.g. sde_window_size={min(4, steps)}."
+                )
+            default_range = self.sde_window_range is None
+            if default_range:
+                self.sde_window_range = list(default_window_range(self.sde_window, steps))
+            value = self.sde_window_range
+            if len(value) != 2 or not 0 <= value[0] < value[1] <= steps:
+                raise ValueError(
+                    f"sde_window_range={value} must be [start, end) with 0 <= start < end <= num_inference_steps "
+                    f"({steps}), e.g. sde_window_range=[0, {max(steps - 2, 1)}]."
+                )
+            self.sde_window_range = [int(value[0]), int(value[1])]
+            start, end = self.sde_window_range
+            if start + self.sde_window_size > end:
+                raise ValueError(
+                    f"sde_window_size={self.sde_window_size} does not fit in sde_window_range=[{start}, {end}) "
+                    f"(num_inference_steps={steps}): lower sde_window_size to {end - start} or widen "
+                    f"sde_window_range, e.g. to [{start}, {min(start + self.sde_window_size, steps)}]."
+                    + (" (The default range depends on num_inference_steps.)" if default_range else "")
+                )
+        for name in ("sde_window_shift_interval", "sde_window_stride", "sde_window_min_shift_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.sde_window_decay_rate < 0 or self.sde_window_decay_threshold < 0:
+            raise ValueError(
+                f"sde_window_decay_rate ({self.sde_window_decay_rate}) and sde_window_decay_threshold "
+                f"({self.sde_window_decay_threshold}) must be >= 0."
+            )
+        if not 0 < self.ode_compression <= 1:
+            raise ValueError(
+                f"ode_compression must be in (0, 1] (1 keeps every ODE step after the window), got "
+                f"{self.ode_compression}. MixGRPO-Flash uses 0.4."
+            )
+
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
         if value not in choices:
@@ -302,5 +462,7 @@ class FlowGRPOConfig(TrainingArguments):
 
     @property
     def num_sde_steps(self) -> int:
-        """Recorded (trained) SDE steps per rollout."""
+        """Recorded (trained) SDE steps per rollout: the size of the SDE window."""
+        if self.sde_window != "full":
+            return self.sde_window_size
         return math.floor(self.num_inference_steps * self.timestep_fraction + 1e-9)  # 100 * 0.29 is 28.999...

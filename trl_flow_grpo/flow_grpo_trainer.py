@@ -30,7 +30,7 @@ from .advantages import compute_advantages
 from .flow_grpo_config import FlowGRPOConfig
 from .pipelines import get_adapter
 from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
-from .sampling import rollout, step_log_prob
+from .sampling import WindowSchedule, rollout, step_log_prob
 from .utils import image_grid, save_and_report_image
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,9 @@ class FlowGRPOTrainer(Trainer):
         if self.ref_transformer is not None:
             self.ref_transformer.to(device)
         self.train_sigmas = self.adapter.sigmas(args.num_inference_steps, args.height, args.width, device)
-        self.sde_steps = list(range(args.num_sde_steps))
+        # Which steps are SDE at each iteration (`sampling.windows`); `sde_steps` holds the current window's steps.
+        self.sde_window = WindowSchedule.from_config(args)
+        self.sde_steps = self.sde_window.for_iteration(0).steps
         self.rollout_guidance = args.guidance_scale if args.train_cfg else 1.0
 
     # ------------------------------------------------------------------ data
@@ -297,8 +299,13 @@ class FlowGRPOTrainer(Trainer):
         transformer = self.accelerator.unwrap_model(self.model)
         was_training = transformer.training
         transformer.eval()
+        # The iteration of the SDE window is the index of the generation batch, counted in optimizer steps so that it
+        # is the same on every process and survives a resume from a checkpoint.
+        window = self.sde_window.for_iteration(self.state.global_step // args.num_iterations)
+        self.sde_steps = window.steps
         start = time.perf_counter()
         micro_batches, images = [], []
+        rollout_calls = saved_calls = 0
         show = self.is_local_process_zero() and not args.disable_tqdm
         for index, rows in enumerate(tqdm(batches, desc="rollout", leave=False, disable=not show, delay=2)):
             prompts = [row["prompt"] for row in rows]
@@ -313,12 +320,19 @@ class FlowGRPOTrainer(Trainer):
                     cond,
                     self.train_sigmas,
                     self._initial_noise(rows, index),
-                    sde_steps=self.sde_steps,
+                    sde_steps=window.steps,
                     noise_level=args.noise_level,
                     sde_type=args.sde_type,
                     guidance_scale=self.rollout_guidance,
                     generator=generator,
+                    ode_solver=args.ode_solver,
+                    ode_compression=args.ode_compression,
+                    # With shared noise, the rows of one prompt share the ODE steps before the window: computed once
+                    # per prompt of this micro-batch (a group split over micro-batches computes it once in each).
+                    prefix_groups=[row["_row"] for row in rows] if args.same_latent else None,
                 )
+            rollout_calls += trajectory.transformer_calls
+            saved_calls += trajectory.transformer_calls_saved
             images.extend(self.adapter.decode(trajectory.final_latents))
             micro_batches.append({"cond": cond, "trajectory": trajectory, "rows": rows})
         transformer.train(was_training)
@@ -350,6 +364,17 @@ class FlowGRPOTrainer(Trainer):
         advantages = result.advantages[local]
 
         self._log_generation_metrics(all_rewards, result, rollout_time, reward_time)
+        # The window and the cost of this generation batch on this process (transformer forwards counted per sample,
+        # a CFG evaluation counting 2). Training runs one forward per recorded step and sample (plus one of the
+        # reference model when beta > 0), num_iterations times.
+        num_samples = len(rows)
+        per_step = (2 if self.rollout_guidance > 1 else 1) * (2 if args.beta > 0 else 1) * args.num_iterations
+        self._metrics["sde_window/start"].append(float(window.start))
+        self._metrics["sde_window/size"].append(float(window.size))
+        self._metrics["rollout/transformer_calls"].append(float(rollout_calls))
+        self._metrics["rollout/transformer_calls_per_image"].append(rollout_calls / num_samples)
+        self._metrics["rollout/transformer_calls_saved"].append(float(saved_calls))
+        self._metrics["train/transformer_calls"].append(float(num_samples * len(window.steps) * per_step))
         self._last_samples = (images, prompts, result.rewards[local].tolist())
         self._generation += 1
 

@@ -1,6 +1,25 @@
-"""Sampling math: single steps (pure), and the rollout that drives a pipeline adapter over them."""
+"""Sampling math: single steps, SDE windows and ODE tails (pure), and the rollout that drives a pipeline adapter."""
 
+from .dpm import ODE_SOLVERS, compressed_schedule, dpm_solver_pp_2m_step, num_tail_steps, solve_ode
 from .rollout import Trajectory, first_steps, rollout, step_log_prob
 from .steps import SDE_TYPES, ode_step, sde_step_with_logprob
+from .windows import WINDOW_SCHEDULES, WINDOW_TYPES, SDEWindow, WindowSchedule
 
-__all__ = ["SDE_TYPES", "Trajectory", "first_steps", "ode_step", "rollout", "sde_step_with_logprob", "step_log_prob"]
+__all__ = [
+    "ODE_SOLVERS",
+    "SDE_TYPES",
+    "WINDOW_SCHEDULES",
+    "WINDOW_TYPES",
+    "SDEWindow",
+    "Trajectory",
+    "WindowSchedule",
+    "compressed_schedule",
+    "dpm_solver_pp_2m_step",
+    "first_steps",
+    "num_tail_steps",
+    "ode_step",
+    "rollout",
+    "sde_step_with_logprob",
+    "solve_ode",
+    "step_log_prob",
+]

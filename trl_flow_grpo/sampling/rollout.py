@@ -1,21 +1,31 @@
 """Drive a pipeline adapter over the denoising grid: SDE steps are recorded, the others are ODE steps.
 
+Which steps are SDE comes from `windows` (the trainer asks its `WindowSchedule` for the iteration's window); the ODE
+steps after the window may use a compressed schedule and DPM-Solver++(2M) (`dpm`).
+
 `rollout` samples (no gradient) and returns a `Trajectory`; `step_log_prob` recomputes the log-probability of one
 recorded step with gradients, through the very same code path, so that on the first on-policy pass the ratio of
 new to old probabilities is exactly 1.
 """
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from .dpm import ODE_SOLVERS, compressed_schedule, solve_ode
 from .steps import ode_step, sde_step_with_logprob
+from .windows import full_window
 
 if TYPE_CHECKING:
     from ..pipelines.base import Conditioning, PipelineAdapter
+
+
+def _select(cond: "Conditioning", index: list[int]) -> "Conditioning":
+    """The conditioning of a subset of the samples (`pipelines.base.select`, without importing diffusers here)."""
+    return {key: value[index] for key, value in cond.items()}
 
 
 @dataclass
@@ -32,11 +42,27 @@ class Trajectory:
     """The K grid steps that were recorded (indices into the sigma grid)."""
     final_latents: torch.Tensor
     """(B, *latent): the denoised latents."""
+    transformer_calls: int = 0
+    """Transformer forward passes of the rollout, counted per sample (a CFG evaluation of a sample counts 2)."""
+    transformer_calls_saved: int = 0
+    """Forward passes the shared prefix saved, compared with computing it for every sample (same unit)."""
 
 
 def first_steps(num_inference_steps: int, timestep_fraction: float) -> list[int]:
     """Flow-GRPO's SDE steps: the first floor(T * timestep_fraction) steps of the grid."""
-    return list(range(int(num_inference_steps * timestep_fraction)))
+    return full_window(num_inference_steps, timestep_fraction).steps
+
+
+def _prefix_representatives(prefix_groups: Sequence[Hashable], batch: int) -> tuple[list[int], list[int]]:
+    """For each distinct group id, the first row that has it; and for each row, the index of its representative."""
+    if len(prefix_groups) != batch:
+        raise ValueError(f"prefix_groups has {len(prefix_groups)} entries for a batch of {batch} samples.")
+    first: dict[Hashable, int] = {}
+    inverse = [first.setdefault(group, len(first)) for group in prefix_groups]
+    representatives = [0] * len(first)
+    for row in reversed(range(batch)):
+        representatives[inverse[row]] = row
+    return representatives, inverse
 
 
 @torch.no_grad()
@@ -53,18 +79,77 @@ def rollout(
     guidance_scale: float,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = False,
+    ode_solver: str = "euler",
+    ode_compression: float = 1.0,
+    prefix_groups: Sequence[Hashable] | None = None,
 ) -> Trajectory:
     """Sample B latents from `noise` over the grid `sigmas` (T + 1 points).
 
-    Steps in `sde_steps` are stochastic and recorded; all others are deterministic Euler steps. With no SDE steps
-    this is plain ODE sampling.
+    Steps in `sde_steps` are stochastic and recorded; all others are deterministic. The rollout has three parts:
+
+    1. **Prefix**, the steps before the first SDE step: Euler steps on the grid. With `prefix_groups`, rows with the
+       same group id must start from the same noise with the same conditioning (`same_latent`); their prefix is
+       identical, so it is computed once per group and the group branches from there: `U * s` forward passes instead
+       of `B * s` (U groups in the batch, s prefix steps).
+    2. **Window**, from the first to the last SDE step, on the grid: SDE steps (recorded), Euler steps in any gap.
+    3. **Tail**, the steps after the last SDE step (all steps when there is none): `ode_solver` (`"euler"` or
+       `"dpm_solver++_2m"`) on the grid, or on `compressed_schedule(sigmas, end, ode_compression)` when
+       `ode_compression < 1` (MixGRPO-Flash).
+
+    `prefix_groups` (one hashable id per row, e.g. the dataset row of its prompt) promises that rows with the same id
+    have the same prompt and the same noise; the noise is checked, and the group's prefix uses its first row's
+    conditioning.
+
+    With the defaults (Euler, no compression, no groups) every ODE step is the plain Euler step on the grid, as it
+    was before windows existed. The SDE noise is drawn from `generator` for the whole batch at each SDE step, so the
+    shared prefix does not change which noise a sample gets: images are the same with or without it (up to the
+    batch-size dependence of the model's kernels).
     """
-    sde_set = set(sde_steps)
+    num_steps = sigmas.numel() - 1
+    sde_list = sorted(set(sde_steps))
+    if sde_list and not 0 <= sde_list[0] <= sde_list[-1] < num_steps:
+        raise ValueError(f"sde_steps must be grid steps in [0, {num_steps}), got {sde_list}.")
+    if ode_solver not in ODE_SOLVERS:
+        raise ValueError(f"Unknown ode_solver {ode_solver!r}; expected one of {', '.join(map(repr, ODE_SOLVERS))}.")
+    sde_set = set(sde_list)
+    prefix_end = sde_list[0] if sde_list else 0
+    tail_start = sde_list[-1] + 1 if sde_list else 0
+
     x = noise.float()
     batch = x.shape[0]
+    forwards_per_sample = 2 if guidance_scale > 1 else 1  # the adapter runs [uncond; cond] in one forward
+    calls = 0
+    tail_sigmas = compressed_schedule(sigmas, tail_start, ode_compression)
+    bar = tqdm(total=tail_start + tail_sigmas.numel() - 1, desc="denoising", leave=False, disable=not progress)
+
+    # 1. Prefix: deterministic Euler steps, once per group when the groups share their starting point.
+    rows, prefix_x, prefix_cond, inverse = list(range(batch)), x, cond, None
+    if prefix_groups is not None and prefix_end > 0:
+        rows, inverse = _prefix_representatives(prefix_groups, batch)
+        # The noise must match exactly. The conditioning is not compared: text encoders can give the same prompt
+        # embeddings that differ in the last bit at different batch positions; the group uses its first row's.
+        for row, rep in enumerate(inverse):
+            if not torch.equal(noise[row], noise[rows[rep]]):
+                raise ValueError(
+                    f"prefix_groups puts rows {rows[rep]} and {row} in one group, but their noise differs: a prefix "
+                    "can only be shared by samples of one prompt that start from the same noise (`same_latent=True`)."
+                )
+        if len(rows) < batch:
+            prefix_x, prefix_cond = x[rows], _select(cond, rows)
+        else:
+            inverse = None
+    for i in range(prefix_end):
+        sigma = sigmas[i]
+        v = adapter.velocity(transformer, prefix_x, sigma.expand(prefix_x.shape[0]), prefix_cond, guidance_scale)
+        prefix_x = ode_step(v, prefix_x, sigma, sigmas[i + 1])
+        bar.update()
+    calls += prefix_end * len(rows) * forwards_per_sample
+    saved = prefix_end * (batch - len(rows)) * forwards_per_sample
+    x = prefix_x[inverse] if inverse is not None else prefix_x
+
+    # 2. Window: SDE steps are recorded; gaps between them are Euler steps.
     recorded, recorded_next, log_probs = [], [], []
-    num_steps = sigmas.numel() - 1
-    for i in tqdm(range(num_steps), desc="denoising", leave=False, disable=not progress):
+    for i in range(prefix_end, tail_start):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         v = adapter.velocity(transformer, x, sigma.expand(batch), cond, guidance_scale)
         if i in sde_set:
@@ -77,15 +162,27 @@ def rollout(
         else:
             x_next = ode_step(v, x, sigma, sigma_next)
         x = x_next
+        bar.update()
+    calls += (tail_start - prefix_end) * batch * forwards_per_sample
 
-    steps = sorted(sde_set)
+    # 3. Tail: the ODE after the window, possibly on a compressed schedule with a higher-order solver.
+    def velocity(latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        bar.update()
+        return adapter.velocity(transformer, latents, sigma.expand(batch), cond, guidance_scale)
+
+    x = solve_ode(velocity, x, tail_sigmas, ode_solver)
+    calls += (tail_sigmas.numel() - 1) * batch * forwards_per_sample
+    bar.close()
+
     empty = x.new_zeros((batch, 0, *x.shape[1:]))
     return Trajectory(
         latents=torch.stack(recorded, dim=1) if recorded else empty,
         next_latents=torch.stack(recorded_next, dim=1) if recorded else empty,
         log_probs=torch.stack(log_probs, dim=1) if log_probs else x.new_zeros((batch, 0)),
-        step_indices=steps,
+        step_indices=sde_list,
         final_latents=x,
+        transformer_calls=calls,
+        transformer_calls_saved=saved,
     )
 
 

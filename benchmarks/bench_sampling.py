@@ -1,0 +1,397 @@
+"""Cost of one training iteration of Flow-GRPO, Flow-GRPO-Fast, MixGRPO and MixGRPO-Flash, measured in one run.
+
+Every method trains the same model (a LoRA on its transformer) on the same prompts with the same seeds through
+`FlowGRPOTrainer`; only the sampling options differ (`docs/efficient_sampling.md`). For each method it reports:
+
+* transformer forwards per iteration, counted per sample (a forward of a batch of B counts B; a CFG evaluation
+  counts 2), split into the rollout (`_generate_and_score`) and the training (everything else: the recomputed
+  log-probs, plus the reference model when `--beta > 0`; backward passes are not counted);
+* wall time per iteration (one optimizer step on one generation batch), and its rollout part (sampling, VAE decode
+  and reward) and training part; on CPU also the process's CPU time per iteration, which other work on a shared
+  machine disturbs much less than the wall time (with `--threads 1` it is the compute the iteration needed);
+* peak memory: CUDA `max_memory_allocated` on GPU; on CPU the increase of the process's resident set size (RSS) over
+  its value once the model is loaded, sampled every 5 ms (each method runs in its own process, so the figures do not
+  leak into each other);
+* the ratio of each figure to Flow-GRPO's in the same run.
+
+The first iteration of each method is a warm-up and is not timed. MixGRPO's cost depends on where its window is (the
+ODE prefix is shared within a group, the ODE tail is not); over a training run the paper's schedule (shift every 25
+iterations) visits every start of its range equally often, so the benchmark moves the window every iteration with a
+stride that spreads the timed iterations over the whole range, which estimates the average over a cycle.
+
+Examples:
+
+    # CPU, a few minutes: the tiny offline SD3 pipeline with a larger transformer (`--transformer small`)
+    python benchmarks/bench_sampling.py --threads 1
+    # GPU, a real model (local path or cached Hub id)
+    python benchmarks/bench_sampling.py --model stabilityai/stable-diffusion-3.5-medium --resolution 512 \\
+        --num-generations 12 --batch-size 12 --cfg --iterations 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+METHODS = {
+    # name: (label, sampling options); T and the window size are filled in from the arguments
+    "flow_grpo": ("Flow-GRPO", {"sde_window": "full", "timestep_fraction": 0.99}),
+    "fast": ("Flow-GRPO-Fast", {"sde_window": "random"}),
+    "mixgrpo": ("MixGRPO", {"sde_window": "sliding"}),
+    "flash": ("MixGRPO-Flash", {"sde_window": "sliding", "ode_solver": "dpm_solver++_2m"}),
+    "flash_star": ("MixGRPO-Flash*", {"sde_window": "frozen", "ode_solver": "dpm_solver++_2m"}),
+}
+PROMPTS = [
+    "a red circle",
+    "two blue squares",
+    "a green triangle next to a yellow house",
+    "a photo of a cat",
+    "a painting of a tree",
+    "three white birds",
+    "an orange car on the left",
+    "a small pink apple",
+]
+
+
+@dataclass
+class Result:
+    method: str
+    label: str
+    windows: list[list[int]]
+    rollout_calls: float
+    train_calls: float
+    time_s: float
+    cpu_s: float
+    rollout_s: float
+    train_s: float
+    iteration_times_s: list[float]
+    peak_memory_mb: float
+    memory_kind: str
+    device: str
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="Pipeline id or path; default: the tiny offline SD3 pipeline.")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--steps", type=int, default=25, help="Denoising steps T (paper: 25).")
+    parser.add_argument("--window-size", type=int, default=4, help="MixGRPO window size w (paper: 4).")
+    parser.add_argument("--fast-window-size", type=int, default=2, help="Flow-GRPO-Fast window size (1 to 3).")
+    parser.add_argument("--compression", type=float, default=0.4, help="MixGRPO-Flash ODE compression (paper: 0.4).")
+    parser.add_argument("--iterations", type=int, default=3, help="Timed iterations per method (after 1 warm-up).")
+    parser.add_argument("--num-generations", type=int, default=4, help="Group size G.")
+    parser.add_argument("--batch-size", type=int, default=4, help="per_device_train_batch_size.")
+    parser.add_argument("--accumulation", type=int, default=2, help="gradient_accumulation_steps.")
+    parser.add_argument("--resolution", type=int, default=64, help="Image height and width.")
+    parser.add_argument(
+        "--transformer",
+        choices=["tiny", "small"],
+        default="small",
+        help="Without --model: the tiny pipeline's 2-layer transformer, or a 4-layer one 16x wider, so that the "
+        "transformer dominates the cost as in real models.",
+    )
+    parser.add_argument("--cfg", action="store_true", help="Classifier-free guidance in rollouts and training.")
+    parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (MixGRPO uses 0).")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's). On a shared machine use 1: OpenMP threads that wait for a busy "
+        "core make CPU timings erratic.",
+    )
+    parser.add_argument("--in-process", action="store_true", help="Run every method in this process.")
+    parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------------- one method
+def build_pipeline(args: argparse.Namespace, device: str):
+    import torch
+
+    if args.model is not None:
+        from diffusers import DiffusionPipeline
+
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype)
+
+    from diffusers import SD3Transformer2DModel
+
+    from trl_flow_grpo.testing import make_tiny_sd3_pipeline
+
+    pipe = make_tiny_sd3_pipeline(seed=0, sample_size=args.resolution)
+    if args.transformer == "small":
+        tiny = pipe.transformer.config
+        heads, head_dim = 4, 64
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            transformer = SD3Transformer2DModel(
+                sample_size=tiny.sample_size,
+                patch_size=tiny.patch_size,
+                in_channels=tiny.in_channels,
+                num_layers=4,
+                attention_head_dim=head_dim,
+                num_attention_heads=heads,
+                joint_attention_dim=tiny.joint_attention_dim,
+                caption_projection_dim=heads * head_dim,
+                pooled_projection_dim=tiny.pooled_projection_dim,
+                out_channels=tiny.out_channels,
+                pos_embed_max_size=tiny.pos_embed_max_size,
+            ).eval()
+        pipe.register_modules(transformer=transformer)
+    return pipe
+
+
+def method_config(args: argparse.Namespace, method: str, output_dir: str, device: str):
+    from trl_flow_grpo import FlowGRPOConfig
+
+    options = dict(METHODS[method][1])
+    positions = max(args.steps - 2 - args.window_size + 1, 1)  # starts of a w-window in [0, T - 2)
+    if method == "fast":
+        options["sde_window_size"] = args.fast_window_size
+    elif method in ("mixgrpo", "flash"):
+        # Spread the timed iterations over the window's whole range (see the module docstring).
+        options |= {
+            "sde_window_size": args.window_size,
+            "sde_window_shift_interval": 1,
+            "sde_window_stride": max(1, positions // (args.iterations + 1)),
+        }
+    elif method == "flash_star":
+        options["sde_window_size"] = args.window_size
+    if options.get("ode_solver") == "dpm_solver++_2m":
+        options["ode_compression"] = args.compression
+    return FlowGRPOConfig(
+        output_dir=output_dir,
+        report_to="none",
+        num_inference_steps=args.steps,
+        num_generations=args.num_generations,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.accumulation,
+        height=args.resolution,
+        width=args.resolution,
+        max_steps=args.iterations + 1,
+        max_sequence_length=16 if args.model is None else 256,
+        train_cfg=args.cfg,
+        beta=args.beta,
+        same_latent=True,
+        learning_rate=1e-4,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        use_cpu=device == "cpu",
+        bf16=device.startswith("cuda"),
+        seed=0,
+        **options,
+    )
+
+
+class _PeakRSS:
+    """Peak resident set size of this process, sampled by a thread (Linux `/proc/self/statm`)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval_s)
+
+    def __enter__(self):
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+def run_method(args: argparse.Namespace, method: str) -> Result:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    from trl_flow_grpo import FlowGRPOTrainer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    pipe = build_pipeline(args, device)
+    prompts_needed = args.batch_size * args.accumulation // args.num_generations
+    dataset = Dataset.from_dict({"prompt": (PROMPTS * 8)[: max(prompts_needed, 1) * 4]})
+    lora = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=2 * args.lora_rank,
+        init_lora_weights="gaussian",
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+    )
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = method_config(args, method, output_dir, device)
+        trainer = FlowGRPOTrainer(pipe, "jpeg_compressibility", args=config, train_dataset=dataset, peft_config=lora)
+
+        # Count transformer forwards (rows), by phase.
+        phase = {"name": "train"}
+        counts = {"rollout": [], "train": []}  # per iteration
+        current = {"rollout": 0, "train": 0}
+
+        def count(module, positional, kwargs):
+            hidden = kwargs.get("hidden_states", positional[0] if positional else None)
+            current[phase["name"]] += hidden.shape[0]
+
+        transformer = trainer.accelerator.unwrap_model(trainer.model)
+        handle = transformer.register_forward_pre_hook(count, with_kwargs=True)
+
+        rollout_times: list[float] = []
+        original = trainer._generate_and_score
+
+        def generate_and_score(batches):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            phase["name"], start = "rollout", time.perf_counter()
+            try:
+                return original(batches)
+            finally:
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                rollout_times.append(time.perf_counter() - start)
+                phase["name"] = "train"
+
+        trainer._generate_and_score = generate_and_score
+        step_ends: list[float] = []
+        cpu_ends: list[float] = []
+        windows: list[list[int]] = []
+
+        class Timer(TrainerCallback):
+            def on_step_end(self, *_, **__):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                step_ends.append(time.perf_counter())
+                cpu_ends.append(time.process_time())
+                windows.append(list(trainer.sde_steps))
+                for key in current:
+                    counts[key].append(current[key])
+                    current[key] = 0
+
+        trainer.add_callback(Timer())
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with _PeakRSS() as rss:
+            baseline = rss.current()
+            trainer.train()
+        handle.remove()
+
+    timed = slice(1, None)  # iteration 0 is the warm-up
+    n = len(step_ends) - 1
+    time_s = (step_ends[-1] - step_ends[0]) / n
+    cpu_s = (cpu_ends[-1] - cpu_ends[0]) / n
+    rollout_s = sum(rollout_times[timed]) / n
+    if device.startswith("cuda"):
+        peak, kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"
+    else:
+        peak, kind = (rss.peak - baseline) / 2**20, "CPU peak RSS increase"
+    return Result(
+        method=method,
+        label=METHODS[method][0],
+        windows=windows[timed],
+        rollout_calls=sum(counts["rollout"][timed]) / n,
+        train_calls=sum(counts["train"][timed]) / n,
+        time_s=time_s,
+        cpu_s=cpu_s,
+        rollout_s=rollout_s,
+        train_s=time_s - rollout_s,
+        iteration_times_s=[b - a for a, b in zip(step_ends, step_ends[1:])],
+        peak_memory_mb=peak,
+        memory_kind=kind,
+        device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------ report
+def describe(args: argparse.Namespace, method: str) -> str:
+    w, T = args.window_size, args.steps
+    return {
+        "flow_grpo": f"first {int(T * 0.99 + 1e-9)} SDE",
+        "fast": f"random {args.fast_window_size} SDE in [0, {T // 2})",
+        "mixgrpo": f"sliding {w} SDE in [0, {T - 2}), Euler",
+        "flash": f"sliding {w} SDE, DPM++2M x{args.compression}",
+        "flash_star": f"frozen [0, {w}) SDE, DPM++2M x{args.compression}",
+    }[method]
+
+
+def format_table(args: argparse.Namespace, results: list[Result]) -> str:
+    base = next((r for r in results if r.method == "flow_grpo"), results[0])
+    lines = [
+        f"T={args.steps}, G={args.num_generations}, {args.batch_size * args.accumulation} images/iteration, "
+        f"{args.resolution}px, cfg={args.cfg}, beta={args.beta}, device={results[0].device}, "
+        f"memory={results[0].memory_kind}. Ratios are to {base.label} in this run.",
+        "",
+        "| method | window | rollout fwd/it | train fwd/it | time/it (s) | rollout s | train s | CPU s/it | peak MiB |"
+        " fwd ratio | time ratio | CPU time ratio | memory ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base_calls = base.rollout_calls + base.train_calls
+    for r in results:
+        calls = r.rollout_calls + r.train_calls
+        mem_ratio = r.peak_memory_mb / base.peak_memory_mb if base.peak_memory_mb > 0 else float("nan")
+        lines.append(
+            f"| {r.label} | {describe(args, r.method)} | {r.rollout_calls:.0f} | {r.train_calls:.0f} | "
+            f"{r.time_s:.2f} | {r.rollout_s:.2f} | {r.train_s:.2f} | {r.cpu_s:.2f} | {r.peak_memory_mb:.0f} | "
+            f"{calls / base_calls:.2f} | {r.time_s / base.time_s:.2f} | {r.cpu_s / base.cpu_s:.2f} | {mem_ratio:.2f} |"
+        )
+    lines.append("")
+    lines.append("Windows of the timed iterations: " + "; ".join(f"{r.label} {r.windows}" for r in results))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print("RESULT " + json.dumps(asdict(run_method(args, args.worker))), flush=True)
+        return
+    results = []
+    for method in args.methods:
+        start = time.perf_counter()
+        if args.in_process:
+            result = run_method(args, method)
+        else:  # one process per method: clean peak memory, no state shared between methods
+            argv_worker = list(argv if argv is not None else sys.argv[1:]) + ["--worker", method]
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *argv_worker],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+            )
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode != 0 or not lines:
+                sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
+                raise SystemExit(f"{method} failed (exit code {out.returncode})")
+            result = Result(**json.loads(lines[-1][len("RESULT ") :]))
+        results.append(result)
+        print(f"{result.label}: {result.time_s:.2f} s/it ({time.perf_counter() - start:.0f} s in all)", flush=True)
+    print()
+    print(format_table(args, results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": [asdict(r) for r in results]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
