@@ -430,18 +430,22 @@ class FlowGRPOTrainer(Trainer):
     def _step_loss(self, model: torch.nn.Module, inputs: dict, k: int, step: int) -> torch.Tensor:
         args = self.args
         latents, next_latents = inputs["latents"][:, k], inputs["next_latents"][:, k]
-        log_prob, mean, std, velocity = step_log_prob(
-            self.adapter,
-            model,
-            inputs["cond"],
-            self.train_sigmas,
-            step,
-            latents,
-            next_latents,
-            noise_level=args.noise_level,
-            sde_type=args.sde_type,
-            guidance_scale=self.rollout_guidance,
-        )
+
+        def transition(transformer: torch.nn.Module):  # the same call for the policy and the reference
+            return step_log_prob(
+                self.adapter,
+                transformer,
+                inputs["cond"],
+                self.train_sigmas,
+                step,
+                latents,
+                next_latents,
+                noise_level=args.noise_level,
+                sde_type=args.sde_type,
+                guidance_scale=self.rollout_guidance,
+            )
+
+        log_prob, mean, std, velocity = transition(model)
         advantages = inputs["advantages"]
         ratio = torch.exp(log_prob - inputs["log_probs"][:, k])
         clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)
@@ -458,18 +462,7 @@ class FlowGRPOTrainer(Trainer):
 
         if args.beta > 0:
             with torch.no_grad(), self._reference_model(model) as reference:
-                _, ref_mean, _, ref_velocity = step_log_prob(
-                    self.adapter,
-                    reference,
-                    inputs["cond"],
-                    self.train_sigmas,
-                    step,
-                    latents,
-                    next_latents,
-                    noise_level=args.noise_level,
-                    sde_type=args.sde_type,
-                    guidance_scale=self.rollout_guidance,
-                )
+                _, ref_mean, _, ref_velocity = transition(reference)
             dims = tuple(range(1, mean.dim()))
             if args.kl_type == "mean":
                 kl = ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=dims)

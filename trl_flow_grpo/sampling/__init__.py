@@ -1,7 +1,7 @@
 """Sampling math: single steps, SDE windows and ODE tails (pure), and the rollout that drives a pipeline adapter."""
 
 from .dpm import ODE_SOLVERS, compressed_schedule, dpm_solver_pp_2m_step, num_tail_steps, solve_ode
-from .rollout import Trajectory, first_steps, rollout, step_log_prob
+from .rollout import Trajectory, rollout, step_log_prob
 from .steps import SDE_TYPES, ode_step, sde_step_with_logprob
 from .windows import WINDOW_SCHEDULES, WINDOW_TYPES, SDEWindow, WindowSchedule
 
@@ -15,7 +15,6 @@ __all__ = [
     "WindowSchedule",
     "compressed_schedule",
     "dpm_solver_pp_2m_step",
-    "first_steps",
     "num_tail_steps",
     "ode_step",
     "rollout",

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from .dpm import ODE_SOLVERS, compressed_schedule, solve_ode
 from .steps import ode_step, sde_step_with_logprob
-from .windows import full_window
 
 if TYPE_CHECKING:
     from ..pipelines.base import Conditioning, PipelineAdapter
@@ -46,11 +45,6 @@ class Trajectory:
     """Transformer forward passes of the rollout, counted per sample (a CFG evaluation of a sample counts 2)."""
     transformer_calls_saved: int = 0
     """Forward passes the shared prefix saved, compared with computing it for every sample (same unit)."""
-
-
-def first_steps(num_inference_steps: int, timestep_fraction: float) -> list[int]:
-    """Flow-GRPO's SDE steps: the first floor(T * timestep_fraction) steps of the grid."""
-    return full_window(num_inference_steps, timestep_fraction).steps
 
 
 def _prefix_representatives(prefix_groups: Sequence[Hashable], batch: int) -> tuple[list[int], list[int]]:
