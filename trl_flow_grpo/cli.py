@@ -40,6 +40,12 @@ DEMO_DEFAULTS = {
 }
 
 
+def _sd3_lora_targets() -> tuple[str, ...]:
+    from .pipelines.sd3 import LORA_TARGET_MODULES  # imported lazily: `trl-flow-grpo --help` stays light
+
+    return LORA_TARGET_MODULES
+
+
 @dataclass
 class TrainScriptArguments:
     """Arguments of `trl-flow-grpo train` that are not training hyperparameters.
@@ -83,16 +89,7 @@ class TrainScriptArguments:
     lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: [
-            "to_q",
-            "to_k",
-            "to_v",
-            "to_out.0",
-            "add_q_proj",
-            "add_k_proj",
-            "add_v_proj",
-            "to_add_out",
-        ],
+        default_factory=lambda: list(_sd3_lora_targets()),
         metadata={"help": "Modules that get a LoRA."},
     )
 

@@ -547,18 +547,7 @@ class FlowGRPOTrainer(Trainer):
         for k, name in enumerate(self.reward_func_names):
             metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = torch.nanmean(all_rewards[:, k]).item()
         if self.is_world_process_zero() and images:
-            n = min(args.num_images_to_log, len(images))
-            captions = [f"{p[:60]} | {r:.3f}" for p, r in zip(prompts[:n], weighted[:n].tolist())]
-            path = os.path.join(
-                args.output_dir, "samples", f"{metric_key_prefix}_step{self.state.global_step:06d}.png"
-            )
-            save_and_report_image(
-                image_grid(images[:n], captions),
-                path,
-                f"{metric_key_prefix}/samples",
-                self.state.global_step,
-                self.callback_handler.callbacks,
-            )
+            self._save_sample_grid(images, prompts, weighted.tolist(), metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -575,18 +564,17 @@ class FlowGRPOTrainer(Trainer):
             logs = {**logs, **dict(zip(keys, averaged))}
             self._metrics.clear()
             if self.args.log_completions and self._last_samples is not None and self.is_world_process_zero():
-                self._log_sample_grid()
+                self._save_sample_grid(*self._last_samples, split="train")
         super().log(logs, start_time)
 
-    def _log_sample_grid(self) -> None:
-        images, prompts, rewards = self._last_samples
+    def _save_sample_grid(self, images: list, prompts: list[str], rewards: list[float], split: str) -> None:
+        """Save the first `num_images_to_log` images with prompts and rewards, and send them to the trackers."""
         n = min(self.args.num_images_to_log, len(images))
         captions = [f"{p[:60]} | {r:.3f}" for p, r in zip(prompts[:n], rewards[:n])]
         step = self.state.global_step
-        path = os.path.join(self.args.output_dir, "samples", f"train_step{step:06d}.png")
-        save_and_report_image(
-            image_grid(images[:n], captions), path, "train/samples", step, self.callback_handler.callbacks
-        )
+        path = os.path.join(self.args.output_dir, "samples", f"{split}_step{step:06d}.png")
+        grid = image_grid(images[:n], captions)
+        save_and_report_image(grid, path, f"{split}/samples", step, self.callback_handler.callbacks)
 
     # ---------------------------------------------------------------- saving
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

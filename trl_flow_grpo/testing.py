@@ -41,6 +41,8 @@ from transformers import (
     T5Tokenizer,
 )
 
+from .pipelines.sd3 import LORA_TARGET_MODULES
+
 __all__ = [
     "TINY_SD3_LORA_TARGET_MODULES",
     "TINY_WORDS",
@@ -59,17 +61,7 @@ TINY_WORDS: tuple[str, ...] = (
     "one", "two", "three", "four", "five", "small", "large", "big", "left", "right", "next", "to",
 )  # fmt: skip
 
-#: The attention projections of SD3's joint transformer blocks (image stream and text stream).
-TINY_SD3_LORA_TARGET_MODULES: tuple[str, ...] = (
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-)
+TINY_SD3_LORA_TARGET_MODULES = LORA_TARGET_MODULES  # kept public under its testing name
 
 _CLIP_MAX_LENGTH = 77  # SD3 pads CLIP prompts to `tokenizer.model_max_length`; the text encoders have 77 positions.
 _CLIP_HIDDEN_SIZE = 32

@@ -7,6 +7,18 @@ from PIL import Image
 
 from .base import Conditioning, PipelineAdapter
 
+LORA_TARGET_MODULES: tuple[str, ...] = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+"""The attention projections of SD3's joint blocks (image and text streams): Flow-GRPO's LoRA targets."""
+
 
 class SD3Adapter(PipelineAdapter):
     """SD3 takes latents (B, C, H/8, W/8), the timestep sigma * 1000, CLIP-L + CLIP-G + T5 text embeddings."""
