@@ -145,6 +145,31 @@ class FlowGRPOConfig(TrainingArguments):
         multi_objective_aggregation (`str`, *optional*, defaults to `"sum_then_normalize"`):
             With several reward functions: weighted sum of the raw rewards then normalise (`"sum_then_normalize"`),
             or normalise each reward within its group then weighted sum (`"normalize_then_sum"`).
+        ema_decay (`float`, *optional*):
+            Keep an exponential moving average of the trained weights with decay `min((1 + n) / (10 + n),
+            ema_decay)` after the n-th optimizer step (Flow-GRPO uses 0.9), and use it for `evaluate()` and the
+            final `save_model()` / `push_to_hub()`; checkpoints hold both the raw weights and the average. Unset:
+            no average.
+
+        > Parameters that control pairwise preferences (Pref-GRPO, used when the trainer gets `preference_funcs`)
+
+        preference_weights (`list[float]`, *optional*):
+            Weight of each preference function's win-rate advantage in the total advantage; defaults to 1 for each.
+            With preference functions, advantages are mixed per function: each reward function contributes its
+            weight times its own group-normalised advantage (with `"sum_then_normalize"`, the weighted reward sum is
+            normalised and scaled by the sum of the reward weights).
+        preference_num_opponents (`int`, *optional*):
+            Compare each image with this many random opponents of its group instead of with all `G - 1` of them
+            (every unordered pair: `G (G - 1) / 2` judge calls per group, 28 at G = 8, 276 at G = 24).
+        preference_symmetric (`bool`, *optional*, defaults to `False`):
+            Query every pair in both orders and average, `p = (p_ab + 1 - p_ba) / 2`, to cancel a judge's position
+            bias (twice the judge calls).
+        preference_temperature (`float`, *optional*, defaults to `0.0`):
+            For preference functions named by a built-in *reward* (e.g. `"shapes_geneval"`):
+            `p = sigmoid((s_a - s_b) / preference_temperature)`; `0` gives hard verdicts 1 / 0.
+        preference_tie_margin (`float`, *optional*, defaults to `0.0`):
+            For preference functions named by a built-in reward: score differences of at most this much are ties
+            (`p = 0.5`), so that near-identical images get no advantage.
 
         > Parameters that control logging
 
@@ -300,6 +325,28 @@ class FlowGRPOConfig(TrainingArguments):
         },
     )
 
+    ema_decay: float | None = field(
+        default=None,
+        metadata={"help": "EMA of the trained weights (used for eval and export) with this decay; unset: none."},
+    )
+
+    # --- Pref-GRPO ---
+    preference_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each preference function's advantage; defaults to 1 for each."}
+    )
+    preference_num_opponents: int | None = field(
+        default=None, metadata={"help": "Random opponents per image; unset: every pair of the group."}
+    )
+    preference_symmetric: bool = field(
+        default=False, metadata={"help": "Query each pair in both orders and average (cancels position bias)."}
+    )
+    preference_temperature: float = field(
+        default=0.0, metadata={"help": "Reward-named preferences: p = sigmoid(diff / T); 0 = hard verdicts."}
+    )
+    preference_tie_margin: float = field(
+        default=0.0, metadata={"help": "Reward-named preferences: score differences up to this are ties."}
+    )
+
     # --- logging ---
     log_completions: bool = field(
         default=False,
@@ -377,6 +424,26 @@ class FlowGRPOConfig(TrainingArguments):
             raise ValueError(f"beta must be >= 0, got {self.beta}.")
         if self.adv_clip_max <= 0:
             raise ValueError(f"adv_clip_max must be positive, got {self.adv_clip_max}.")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(
+                f"ema_decay must be in (0, 1) (Flow-GRPO uses 0.9), or unset for no EMA; got {self.ema_decay}."
+            )
+        if self.preference_num_opponents is not None and not 1 <= self.preference_num_opponents:
+            raise ValueError(
+                f"preference_num_opponents must be at least 1, or unset to compare every pair; got "
+                f"{self.preference_num_opponents}."
+            )
+        if self.preference_num_opponents is not None and self.preference_num_opponents >= self.num_generations:
+            raise ValueError(
+                f"preference_num_opponents ({self.preference_num_opponents}) must be below num_generations "
+                f"({self.num_generations}): an image has only {self.num_generations - 1} opponents. Unset it to "
+                "compare every pair."
+            )
+        if self.preference_temperature < 0 or self.preference_tie_margin < 0:
+            raise ValueError(
+                f"preference_temperature ({self.preference_temperature}) and preference_tie_margin "
+                f"({self.preference_tie_margin}) must be >= 0."
+            )
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}.")
         if self.height <= 0 or self.width <= 0:

@@ -14,6 +14,8 @@ import copy
 import hashlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
 
 from .advantages import compute_advantages
+from .ema import ParameterEMA
 from .flow_grpo_config import FlowGRPOConfig
 from .pipelines import get_adapter
 from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
@@ -34,6 +37,9 @@ from .sampling import WindowSchedule, rollout, step_log_prob
 from .utils import image_grid, save_and_report_image
 
 logger = logging.getLogger(__name__)
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name: `load_lora_weights(dir)` finds it
+EMA_WEIGHTS_NAME = "ema.safetensors"
 
 PAPER_CITATION = """\
 @article{liu2025flowgrpo,
@@ -86,6 +92,33 @@ class GroupSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.num_rows - self.num_rows % self.prompts_per_batch) * self.num_generations * self.repeat
+
+
+class _EMAUpdate(TrainerCallback):
+    """Updates the EMA of the trained weights after every optimizer step."""
+
+    def __init__(self, ema: ParameterEMA):
+        self.ema = ema
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.update()
+
+
+@contextlib.contextmanager
+def _sigterm_as_keyboard_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt for the duration (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _seed(*parts: int) -> int:
@@ -235,8 +268,6 @@ class FlowGRPOTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._buffer: list[dict] | None = None
         self._steps_on_buffer = 0
-        self._generation = 0
-        self._num_images = 0
         self._last_samples: tuple[list, list[str], list[float]] | None = None
 
         super().__init__(
@@ -258,6 +289,34 @@ class FlowGRPOTrainer(Trainer):
         self.sde_window = WindowSchedule.from_config(args)
         self.sde_steps = self.sde_window.for_iteration(0).steps
         self.rollout_guidance = args.guidance_scale if args.train_cfg else 1.0
+        self.ema = None
+        if args.ema_decay is not None:
+            trained = ((name, p) for name, p in transformer.named_parameters() if p.requires_grad)
+            self.ema = ParameterEMA(trained, max_decay=args.ema_decay)
+            self.add_callback(_EMAUpdate(self.ema))
+
+    # -------------------------------------------------------------- training
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs) -> Any:
+        """[`~transformers.Trainer.train`], plus: on Ctrl-C or SIGTERM (e.g. a preempted job), a checkpoint of the last
+        completed optimizer step is written before the exception propagates, so that a killed run loses at most the
+        step in progress (single process; with several processes rely on `save_steps`)."""
+        try:
+            with _sigterm_as_keyboard_interrupt():
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        except KeyboardInterrupt:
+            self._checkpoint_on_interrupt()
+            raise
+
+    def _checkpoint_on_interrupt(self) -> None:
+        step = self.state.global_step
+        if self.args.save_strategy == "no" or step == 0 or self.accelerator.num_processes > 1:
+            return
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if os.path.isdir(folder):
+            return
+        logger.warning("Interrupted during step %d: saving the state after step %d to %s.", step + 1, step, folder)
+        self.model.zero_grad(set_to_none=True)  # the gradients of the interrupted step are not part of the state
+        self._save_checkpoint(self.model, trial=None)
 
     # ------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler:
@@ -282,6 +341,18 @@ class FlowGRPOTrainer(Trainer):
         return self._buffer, None
 
     # ------------------------------------------------------------ rollouts
+    @property
+    def _generation(self) -> int:
+        """Index of the current generation batch: derived from the step, so it is the same on every process and
+        survives a resume from a checkpoint."""
+        return self.state.global_step // self.args.num_iterations
+
+    def _micro_batch_id(self, local_index: int) -> int:
+        """The position of this process's `local_index`-th micro-batch in the step's global sequence of micro-batches
+        (the dataloader hands process r the micro-batches r, r + P, r + 2P, ...). Seeding by it gives every process
+        different noise, and the same images as one process running P times the gradient accumulation."""
+        return local_index * self.accelerator.num_processes + self.accelerator.process_index
+
     def _initial_noise(self, rows: list[dict], micro_batch: int) -> torch.Tensor:
         shape = self.adapter.latent_shape(self.args.height, self.args.width)
         noises = []
@@ -289,7 +360,7 @@ class FlowGRPOTrainer(Trainer):
             if self.args.same_latent:  # one noise per prompt group, identical on every process
                 seed = _seed(self.args.seed, self._generation, row["_row"])
             else:
-                seed = _seed(self.args.seed, self._generation, self.accelerator.process_index, micro_batch, i)
+                seed = _seed(self.args.seed, self._generation, self._micro_batch_id(micro_batch), i)
             noises.append(torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
         return torch.stack(noises).to(self.accelerator.device)
 
@@ -311,7 +382,7 @@ class FlowGRPOTrainer(Trainer):
             prompts = [row["prompt"] for row in rows]
             cond = self.adapter.encode_prompts(prompts, device, self.rollout_guidance > 1, args.max_sequence_length)
             generator = torch.Generator(device).manual_seed(
-                _seed(args.seed, self._generation, self.accelerator.process_index, index, 1)
+                _seed(args.seed, self._generation, self._micro_batch_id(index), -1)
             )
             with self.compute_loss_context_manager():
                 trajectory = rollout(
@@ -376,7 +447,6 @@ class FlowGRPOTrainer(Trainer):
         self._metrics["rollout/transformer_calls_saved"].append(float(saved_calls))
         self._metrics["train/transformer_calls"].append(float(num_samples * len(window.steps) * per_step))
         self._last_samples = (images, prompts, result.rewards[local].tolist())
-        self._generation += 1
 
         processed, offset = [], 0
         for mb in micro_batches:
@@ -407,8 +477,7 @@ class FlowGRPOTrainer(Trainer):
         metrics["advantages/abs_mean"].append(result.advantages.abs().mean().item())
         metrics["time/rollout_s"].append(rollout_time)
         metrics["time/reward_s"].append(reward_time)
-        self._num_images += rewards.shape[0]
-        metrics["num_images"] = [float(self._num_images)]
+        metrics["num_images"] = [float((self._generation + 1) * rewards.shape[0])]
 
     # -------------------------------------------------------------- training
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -508,33 +577,36 @@ class FlowGRPOTrainer(Trainer):
         batch_size = args.per_device_eval_batch_size
         images, prompts, rows = [], [], []
         show = self.is_local_process_zero() and not args.disable_tqdm
-        for start in tqdm(range(0, len(indices), batch_size), desc="evaluate", leave=False, disable=not show, delay=2):
-            chunk = [dataset[i] for i in indices[start : start + batch_size]]
-            batch_prompts = [row["prompt"] for row in chunk]
-            cond = self.adapter.encode_prompts(
-                batch_prompts, device, args.guidance_scale > 1, args.max_sequence_length
-            )
-            noise = torch.stack(
-                [
-                    torch.randn(shape, generator=torch.Generator().manual_seed(_seed(args.seed, -1, i)))
-                    for i in indices[start : start + batch_size]
-                ]
-            ).to(device)
-            with self.compute_loss_context_manager():
-                trajectory = rollout(
-                    self.adapter,
-                    transformer,
-                    cond,
-                    sigmas,
-                    noise,
-                    sde_steps=[],
-                    noise_level=0.0,
-                    sde_type=args.sde_type,
-                    guidance_scale=args.guidance_scale,
+        with self._averaged_weights():  # the EMA weights when `ema_decay` is set
+            for start in tqdm(
+                range(0, len(indices), batch_size), desc="evaluate", leave=False, disable=not show, delay=2
+            ):
+                chunk = [dataset[i] for i in indices[start : start + batch_size]]
+                batch_prompts = [row["prompt"] for row in chunk]
+                cond = self.adapter.encode_prompts(
+                    batch_prompts, device, args.guidance_scale > 1, args.max_sequence_length
                 )
-            images.extend(self.adapter.decode(trajectory.final_latents))
-            prompts.extend(batch_prompts)
-            rows.extend(chunk)
+                noise = torch.stack(
+                    [
+                        torch.randn(shape, generator=torch.Generator().manual_seed(_seed(args.seed, -1, i)))
+                        for i in indices[start : start + batch_size]
+                    ]
+                ).to(device)
+                with self.compute_loss_context_manager():
+                    trajectory = rollout(
+                        self.adapter,
+                        transformer,
+                        cond,
+                        sigmas,
+                        noise,
+                        sde_steps=[],
+                        noise_level=0.0,
+                        sde_type=args.sde_type,
+                        guidance_scale=args.guidance_scale,
+                    )
+                images.extend(self.adapter.decode(trajectory.final_latents))
+                prompts.extend(batch_prompts)
+                rows.extend(chunk)
         transformer.train(was_training)
 
         columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {}) if key != "prompt"}
@@ -577,6 +649,75 @@ class FlowGRPOTrainer(Trainer):
         save_and_report_image(grid, path, f"{split}/samples", step, self.callback_handler.callbacks)
 
     # ---------------------------------------------------------------- saving
+    def _averaged_weights(self):
+        """Context in which the trained parameters hold their EMA (a no-op without `ema_decay`)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the trained weights (the EMA weights when `ema_decay` is set) in diffusers format.
+
+        Checkpoints (`_internal_call`) keep the raw weights, and the EMA next to the optimizer state, for resuming.
+        """
+        context = contextlib.nullcontext() if _internal_call else self._averaged_weights()
+        with context:
+            super().save_model(output_dir, _internal_call=_internal_call)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.ema is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            save_file(self.ema.state_dict(), os.path.join(output_dir, EMA_WEIGHTS_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.ema is None:
+            return
+        path = os.path.join(checkpoint, EMA_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {EMA_WEIGHTS_NAME}: it was written without ema_decay. Resume with the same "
+                "ema_decay as the run that wrote it (unset if it had none)."
+            )
+        from safetensors.torch import load_file
+
+        self.ema.load_state_dict(load_file(path, device=str(self.accelerator.device)))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Load the weights `_save` wrote: diffusers' LoRA file, or the full transformer in `transformer/`."""
+        transformer = self.accelerator.unwrap_model(model if model is not None else self.model)
+        lora_file = os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME)
+        full_dir = os.path.join(resume_from_checkpoint, "transformer")
+        if self.is_lora and os.path.isfile(lora_file):
+            from peft.utils import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            state = {
+                key.removeprefix("transformer."): value
+                for key, value in load_file(lora_file, device=str(self.accelerator.device)).items()
+            }
+            result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(
+                    f"{lora_file} does not match this LoRA (unexpected keys such as {result.unexpected_keys[:3]}): "
+                    "resume with the same peft_config as the run that wrote it."
+                )
+        elif not self.is_lora and os.path.isdir(full_dir):
+            from safetensors.torch import load_file
+
+            files = sorted(f for f in os.listdir(full_dir) if f.endswith(".safetensors"))
+            state = {}
+            for name in files:
+                state.update(load_file(os.path.join(full_dir, name), device=str(self.accelerator.device)))
+            transformer.load_state_dict(state)
+        else:
+            expected = LORA_WEIGHTS_NAME if self.is_lora else "transformer/"
+            raise FileNotFoundError(
+                f"Cannot resume from {resume_from_checkpoint}: it has no {expected} ("
+                f"{'LoRA' if self.is_lora else 'full fine-tuning'} run). Pass a checkpoint-<step> folder written by a "
+                "FlowGRPOTrainer with the same peft_config."
+            )
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the LoRA as diffusers' `pytorch_lora_weights.safetensors` (or the full transformer)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -1,0 +1,171 @@
+"""Checkpoints: exact resume (LoRA, full fine-tuning, EMA), checkpoint on interrupt, EMA maths."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from test_trainer import lora_params, make_args, prompt_dataset
+
+from trl_flow_grpo import FlowGRPOTrainer
+from trl_flow_grpo.ema import ParameterEMA
+from trl_flow_grpo.testing import make_tiny_sd3_pipeline, tiny_lora_config
+
+
+def brightness(images, **kwargs):
+    return [float(np.asarray(image.convert("L"), dtype=np.float64).mean() / 255.0) for image in images]
+
+
+def make_trainer(tmp_path, lora=True, reward=brightness, **overrides):
+    overrides.setdefault("save_strategy", "steps")
+    overrides.setdefault("save_steps", 2)
+    overrides.setdefault("max_steps", 4)
+    args = make_args(tmp_path, learning_rate=1e-2, beta=0.04, **overrides)
+    return FlowGRPOTrainer(
+        model=make_tiny_sd3_pipeline(seed=0),
+        reward_funcs=reward,
+        args=args,
+        train_dataset=prompt_dataset(),
+        peft_config=tiny_lora_config() if lora else None,
+    )
+
+
+def trained_weights(trainer) -> dict[str, torch.Tensor]:
+    transformer = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_lora:
+        return lora_params(transformer)
+    return {name: p.detach().clone() for name, p in transformer.named_parameters()}
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_two_steps_resume_two_steps_equals_four_straight(tmp_path, lora):
+    straight = make_trainer(tmp_path / "straight", lora=lora)
+    straight.train()
+
+    first = make_trainer(tmp_path / "split", lora=lora, max_steps=2)
+    first.train()
+    checkpoint = tmp_path / "split" / "checkpoint-2"
+    expected = {"pytorch_lora_weights.safetensors"} if lora else {"transformer"}
+    assert expected | {"optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(os.listdir(checkpoint))
+
+    resumed = make_trainer(tmp_path / "split", lora=lora)
+    # The new trainer starts from a fresh init; only the checkpoint can make it match.
+    assert any(
+        not torch.equal(p, q) for p, q in zip(trained_weights(resumed).values(), trained_weights(first).values())
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    assert resumed.state.global_step == 4
+    assert_identical(trained_weights(straight), trained_weights(resumed))
+    # The resumed half sampled the same images as the straight run: same rewards logged for steps 3 and 4.
+    straight_rewards = [e["reward"] for e in straight.state.log_history if "reward" in e and e["step"] > 2]
+    resumed_rewards = [e["reward"] for e in resumed.state.log_history if "reward" in e and e["step"] > 2]
+    assert straight_rewards == resumed_rewards and len(resumed_rewards) == 2
+
+
+def test_resume_restores_the_ema(tmp_path):
+    straight = make_trainer(tmp_path / "straight", ema_decay=0.5)
+    straight.train()
+    make_trainer(tmp_path / "split", ema_decay=0.5, max_steps=2).train()
+    assert os.path.isfile(tmp_path / "split" / "checkpoint-2" / "ema.safetensors")
+    resumed = make_trainer(tmp_path / "split", ema_decay=0.5)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    assert resumed.ema.num_updates == straight.ema.num_updates == 4
+    assert_identical(straight.ema.shadow, resumed.ema.shadow)
+
+
+def test_resume_with_another_lora_fails_with_a_clear_error(tmp_path):
+    make_trainer(tmp_path, max_steps=2).train()
+    full = make_trainer(tmp_path, lora=False)
+    with pytest.raises(FileNotFoundError, match="transformer/"):
+        full.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_interrupt_saves_the_last_completed_step_and_resumes_exactly(tmp_path):
+    straight = make_trainer(tmp_path / "straight")
+    straight.train()
+
+    calls = []
+
+    def interrupted_at_third_generation(images, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C or SIGTERM does in the middle of step 3
+        return brightness(images)
+
+    killed = make_trainer(tmp_path / "killed", reward=interrupted_at_third_generation, save_steps=100)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    checkpoint = tmp_path / "killed" / "checkpoint-2"
+    assert checkpoint.is_dir(), os.listdir(tmp_path / "killed")
+
+    resumed = make_trainer(tmp_path / "killed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert_identical(trained_weights(straight), trained_weights(resumed))
+
+
+def test_sigterm_becomes_a_checkpoint(tmp_path):
+    import signal
+
+    calls = []
+
+    def terminated_at_second_generation(images, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return brightness(images)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    trainer = make_trainer(tmp_path, reward=terminated_at_second_generation, save_steps=100)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "checkpoint-1").is_dir()
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is restored
+
+
+def test_ema_is_used_for_export_and_checkpoints_keep_raw_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(tmp_path, ema_decay=0.5, max_steps=2)
+    trainer.train()
+    raw = load_file(tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors")
+    trainer.save_model(str(tmp_path / "final"))
+    exported = load_file(tmp_path / "final" / "pytorch_lora_weights.safetensors")
+    assert raw.keys() == exported.keys()
+    ema_by_key = {}
+    for name, shadow in trainer.ema.shadow.items():
+        key = "transformer." + name.replace(".default", "")
+        ema_by_key[key] = shadow
+    for key in raw:
+        torch.testing.assert_close(exported[key], ema_by_key[key])
+    assert any(not torch.equal(raw[key], exported[key]) for key in raw)
+    # Exporting did not change the weights being trained.
+    live = {"transformer." + n.replace(".default", ""): p for n, p in lora_params(trainer.model).items()}
+    for key in raw:
+        assert torch.equal(live[key], raw[key])
+
+
+def test_ema_decay_schedule_and_average():
+    param = torch.nn.Parameter(torch.zeros(3))
+    ema = ParameterEMA([("w", param)], max_decay=0.9)
+    assert ema.decay() == pytest.approx(1 / 10)
+    expected = torch.zeros(3)
+    for n in range(40):
+        with torch.no_grad():
+            param.fill_(float(n + 1))
+        decay = min((1 + n) / (10 + n), 0.9)
+        assert ema.decay() == pytest.approx(decay)
+        ema.update()
+        expected = decay * expected + (1 - decay) * (n + 1)
+        torch.testing.assert_close(ema.shadow["w"], expected.expand(3).clone())
+    with ema.applied():
+        torch.testing.assert_close(param.detach(), ema.shadow["w"])
+    assert torch.equal(param.detach(), torch.full((3,), 40.0))
+    with pytest.raises(ValueError, match="max_decay"):
+        ParameterEMA([("w", param)], max_decay=1.0)
