@@ -1,0 +1,94 @@
+"""Worker for tests/test_distributed.py: a tiny Flow-GRPO run that records what each process did.
+
+Run on P processes (`accelerate launch --num_processes P` / `torchrun`) with `--grad_accum A`, or on one process with
+`--grad_accum P*A`: both see the same generation batches. Writes `<out>/rank<r>.json` with, per micro-batch (in the
+order this process ran them): the prompt rows, the advantages, the rewards and a hash of the initial noise; per step
+the SDE window; and the logged losses. Rank 0 also saves the final LoRA.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from trl_flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
+from trl_flow_grpo.testing import make_tiny_sd3_pipeline, tiny_lora_config
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle", "one yellow star", "a big house", "a small tree"]
+
+
+def brightness(images, **kwargs):
+    return [float(np.asarray(image.convert("L"), dtype=np.float64).mean() / 255.0) for image in images]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--grad_accum", type=int, required=True)
+    parser.add_argument("--same_latent", action="store_true")
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+
+    args = FlowGRPOConfig(
+        output_dir=os.path.join(cli.out, "run"),
+        report_to="none",
+        use_cpu=True,
+        num_generations=4,
+        per_device_train_batch_size=2,  # a group of 4 spans two micro-batches, i.e. two processes
+        gradient_accumulation_steps=cli.grad_accum,
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        sde_window="random",
+        sde_window_size=2,
+        max_steps=2,
+        max_sequence_length=16,
+        learning_rate=1e-2,
+        beta=0.04,
+        same_latent=cli.same_latent,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
+    trainer = FlowGRPOTrainer(
+        model=make_tiny_sd3_pipeline(seed=0),
+        reward_funcs=brightness,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        peft_config=tiny_lora_config(),
+    )
+    record = {"micro_batches": [], "windows": []}
+    generate = trainer._generate_and_score
+
+    def recorded(batches):
+        processed = generate(batches)
+        record["windows"].append(list(trainer.sde_steps))
+        for rows, mb in zip(batches, processed):
+            record["micro_batches"].append(
+                {
+                    "rows": [row["_row"] for row in rows],
+                    "advantages": mb["advantages"].tolist(),
+                    "noise": hashlib.sha256(mb["latents"][:, 0].numpy().tobytes()).hexdigest(),
+                    "first_noise": [hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in mb["latents"][:, 0]],
+                }
+            )
+        return processed
+
+    trainer._generate_and_score = recorded
+    trainer.train()
+    record["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    record["rewards"] = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    rank = trainer.accelerator.process_index
+    record["num_processes"] = trainer.accelerator.num_processes
+    with open(os.path.join(cli.out, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    trainer.save_model(os.path.join(cli.out, "final"))
+
+
+if __name__ == "__main__":
+    main()
