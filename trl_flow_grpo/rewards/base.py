@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import inspect
 import math
 import numbers
@@ -31,6 +32,8 @@ import torch
 
 from ..toy.geneval import shapes_geneval
 from .compression import jpeg_compressibility, jpeg_incompressibility
+from .ocr import ocr_reward
+from .pickscore import pickscore_reward
 
 __all__ = ["REWARD_FUNCS", "RewardFunc", "call_reward_funcs", "resolve_reward_func", "reward_func_name"]
 
@@ -41,6 +44,8 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
     "shapes_geneval": shapes_geneval,
+    "pickscore": pickscore_reward,
+    "ocr": ocr_reward,
 }
 """Built-in reward functions by name. This is the single place a new built-in is registered. Built-ins that need
 heavy dependencies or a model download should import / load them lazily, inside the call."""
@@ -54,13 +59,14 @@ def reward_func_name(func: str | RewardFunc) -> str:
     """Return a human-readable name for a reward function (used in logs and error messages).
 
     - a built-in (or a registry name string): its registry name;
+    - an import path string (`"my_pkg.rewards.geneval"`): the name of the object it points to (by the rules below);
     - a function or method: its `__name__`;
     - a `functools.partial`: the name of the wrapped function;
     - any other callable object: its class name.
     """
     if isinstance(func, str):
-        resolve_reward_func(func)  # raises ValueError on an unknown name
-        return func
+        resolved = resolve_reward_func(func)  # raises on an unknown name or a failing import
+        return func if func in REWARD_FUNCS else reward_func_name(resolved)
     for name, builtin in REWARD_FUNCS.items():
         if func is builtin:
             return name
@@ -75,28 +81,75 @@ def reward_func_name(func: str | RewardFunc) -> str:
 def resolve_reward_func(func_or_name: str | RewardFunc) -> RewardFunc:
     """Return the reward function for `func_or_name`.
 
-    A string is looked up in the built-in registry (`REWARD_FUNCS`); a callable is returned unchanged.
+    A string is looked up in the built-in registry (`REWARD_FUNCS`). A string that is not a built-in name but
+    contains a dot or a colon is an import path: `"my_pkg.rewards.geneval"` (module `my_pkg.rewards`, attribute
+    `geneval`) or `"my_pkg.rewards:geneval"` (module before the colon, attribute path after it, which may itself be
+    dotted). The module is imported and the attribute returned; it must be a function or a callable instance, not
+    a class. A callable is returned unchanged.
 
     Raises:
-        ValueError: if a string does not name a built-in reward function.
-        TypeError: if the argument is neither a string nor callable.
+        ValueError: if a string neither names a built-in nor is a well-formed import path, or the module lacks the
+            attribute.
+        ImportError: if the module of an import path cannot be imported.
+        TypeError: if the argument (or the object an import path names) is not a callable reward function.
     """
     if isinstance(func_or_name, str):
-        try:
+        if func_or_name in REWARD_FUNCS:
             return REWARD_FUNCS[func_or_name]
-        except KeyError:
-            available = ", ".join(repr(name) for name in sorted(REWARD_FUNCS))
-            raise ValueError(
-                f"Unknown reward function {func_or_name!r}. Available built-in reward functions: {available}. "
-                "You can also pass a callable (a function, an async function, or an object with `__call__`) that "
-                "takes `prompts`, `images`, the dataset columns and `trainer_state` as keywords and returns one "
-                "float (or None) per sample."
-            ) from None
+        if "." in func_or_name or ":" in func_or_name:
+            return _import_reward_func(func_or_name)
+        available = ", ".join(repr(name) for name in sorted(REWARD_FUNCS))
+        raise ValueError(
+            f"Unknown reward function {func_or_name!r}. Available built-in reward functions: {available}. "
+            'You can also pass an import path ("my_pkg.rewards.my_reward" or "my_pkg.rewards:my_reward"), or a '
+            "callable (a function, an async function, or an object with `__call__`) that takes `prompts`, "
+            "`images`, the dataset columns and `trainer_state` as keywords and returns one float (or None) per "
+            "sample."
+        )
     if not callable(func_or_name):
         raise TypeError(
             f"A reward function must be a built-in name (str) or a callable, got {type(func_or_name).__name__}"
         )
     return func_or_name
+
+
+def _import_reward_func(path: str) -> RewardFunc:
+    """Import the reward function named by `path` (`"pkg.module.attr"` or `"pkg.module:attr.sub"`)."""
+    if ":" in path:
+        module_name, _, attr_path = path.partition(":")
+    else:
+        module_name, _, attr_path = path.rpartition(".")
+    parts = module_name.split(".") + attr_path.split(".")
+    if path.count(":") > 1 or not all(part.isidentifier() for part in parts):
+        raise ValueError(
+            f"Invalid reward function import path {path!r}: expected 'package.module.function' or "
+            "'package.module:function' (dotted Python identifiers), or a built-in name "
+            f"({', '.join(repr(name) for name in sorted(REWARD_FUNCS))})."
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(
+            f"Cannot import reward function {path!r}: importing module {module_name!r} failed "
+            f"({type(error).__name__}: {error}). Make sure the module is importable (installed, or its folder on "
+            "PYTHONPATH)."
+        ) from error
+    for attr in attr_path.split("."):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            raise ValueError(
+                f"Cannot import reward function {path!r}: {type(obj).__name__} {getattr(obj, '__name__', obj)!r} "
+                f"has no attribute {attr!r}."
+            ) from None
+    if isinstance(obj, type):
+        raise TypeError(
+            f"Reward function {path!r} is a class; name a function or an instance instead (e.g. a module-level "
+            f"`my_reward = {obj.__name__}()`)."
+        )
+    if not callable(obj):
+        raise TypeError(f"Reward function {path!r} is a {type(obj).__name__}, which is not callable.")
+    return obj
 
 
 def _is_async(func: RewardFunc) -> bool:
