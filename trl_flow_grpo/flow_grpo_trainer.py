@@ -31,6 +31,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from .advantages import compute_advantages
 from .ema import ParameterEMA
 from .flow_grpo_config import FlowGRPOConfig
+from .hub import push_checkpoint_to_hub, write_model_card
 from .pipelines import get_adapter
 from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
 from .sampling import WindowSchedule, rollout, step_log_prob
@@ -733,3 +734,92 @@ class FlowGRPOTrainer(Trainer):
             self.adapter.save_lora_weights(output_dir, lora_state, metadata)
         else:
             transformer.save_pretrained(os.path.join(output_dir, "transformer"), safe_serialization=True)
+
+    # ------------------------------------------------------------------- hub
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write a model card (`README.md`, plus `samples.png`, the newest sample grid) into `args.output_dir`.
+
+        The card has metadata for the Hub (base model, `library_name: diffusers`, tags, `pipeline_tag`), each reward
+        when first and last logged, the main hyperparameters, the diffusers code that loads the result, and the
+        papers to cite (MixGRPO with a sliding SDE window, Pref-GRPO with preference functions). Main process only.
+
+        Args:
+            model_name (`str`, *optional*):
+                Title of the card; defaults to the Hub repo name or the output folder name.
+            dataset_name (`str`, *optional*):
+                Hub id of the prompt dataset (metadata and link).
+            tags (`str` or `list[str]`, *optional*):
+                Tags added after the trainer's (`trl`, `flow-grpo`, `diffusers`, `lora` for a LoRA, `text-to-image`).
+            license (`str`, *optional*):
+                License id for the metadata (usually the base model's).
+            finetuned_from (`str`, *optional*):
+                Hub id of the base model when the pipeline was loaded from a local folder outside the Hub cache.
+        """
+        accepted = {"license", "finetuned_from"}
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise TypeError(
+                f"create_model_card() got unexpected keyword arguments {unknown}; it accepts model_name, "
+                f"dataset_name, tags, {', '.join(sorted(accepted))}."
+            )
+        if not self.is_world_process_zero():
+            return
+        write_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Save the model, write the model card and upload `args.output_dir` to the Hub repo `args.hub_model_id`.
+
+        The repo then holds `pytorch_lora_weights.safetensors` (a LoRA, loadable with
+        `pipe.load_lora_weights(repo_id)`) or `transformer/` (full fine-tuning), the EMA weights when `ema_decay` is
+        set, with `README.md`, `samples.png` and the logged sample grids under `samples/`; checkpoints
+        (`checkpoint-*`) and files starting with `_` are not uploaded. The repo is created if needed.
+
+        Args:
+            commit_message (`str`, *optional*, defaults to `"End of training"`):
+                Message of the commit.
+            blocking (`bool`, *optional*, defaults to `True`):
+                Wait for the upload to finish; otherwise return a `Future`.
+            token (`str`, *optional*):
+                Hub token with write access; defaults to `args.hub_token`, then to the cached login.
+            revision (`str`, *optional*):
+                Branch to commit to; defaults to `args.hub_revision`.
+            private (`bool`, *optional*):
+                Make a newly created repo private; defaults to `args.hub_private_repo`.
+            kwargs:
+                Passed to [`~FlowGRPOTrainer.create_model_card`] (`model_name`, `dataset_name`, `tags`, `license`,
+                `finetuned_from`).
+
+        Returns:
+            The `CommitInfo` of the upload (a `Future` of it when `blocking=False`); `None` on other processes.
+        """
+        # transformers' implementation saves through `_save` (diffusers' LoRA format) with `_internal_call=True`,
+        # calls our `create_model_card` and uploads output_dir with its own ignore patterns. The EMA weights (when
+        # `ema_decay` is set) are applied around it, as `save_model()` does for a user's call.
+        with self._averaged_weights():
+            return super().push_to_hub(
+                commit_message=commit_message,
+                blocking=blocking,
+                token=token,
+                revision=revision,
+                private=private,
+                **kwargs,
+            )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Intermediate push (`push_to_hub=True`): the LoRA or transformer, the model card, and per `hub_strategy` the
+        checkpoint (see `trl_flow_grpo.hub.push_checkpoint_to_hub`)."""
+        push_checkpoint_to_hub(self, checkpoint_folder)
