@@ -125,3 +125,97 @@ def _first_index_of_each_group(group_ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(group_ids.numel(), device=group_ids.device)
     first = torch.full((num_groups,), group_ids.numel(), dtype=torch.long, device=group_ids.device)
     return first.scatter_reduce_(0, inverse, positions, reduce="amin")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pref-GRPO: pairwise preferences -> win rates -> advantages
+# --------------------------------------------------------------------------------------------------------------------
+WIN_RATE_STD_EPS = 1e-8
+
+
+def preference_pairs(
+    group_ids: torch.Tensor, num_opponents: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The pairs of samples to compare: within each group, every unordered pair, or `num_opponents` random opponents
+    per sample (the union of those pairs, so a sample may meet more than `num_opponents` opponents).
+
+    Which image of a pair is shown first is random (`generator`), so a judge's position bias is not tied to the
+    samples' order. The result depends only on `group_ids`, `num_opponents` and the generator's state: seed it the
+    same way on every process.
+
+    Args:
+        group_ids: shape (N,), equal for the samples of one prompt group.
+        num_opponents: `None` for all pairs (`G (G - 1) / 2` per group), else the number of random opponents of each
+            sample (at most `G - 1`).
+        generator: a CPU generator for the random choices.
+
+    Returns:
+        A long tensor of shape (P, 2): indices `(a, b)` into the batch, each pair once.
+    """
+    group_ids = group_ids.cpu()
+    pairs: list[tuple[int, int]] = []
+    for group in torch.unique(group_ids, sorted=True):
+        members = (group_ids == group).nonzero().flatten().tolist()
+        size = len(members)
+        if num_opponents is None or num_opponents >= size - 1:
+            chosen = {(i, j) for i in range(size) for j in range(i + 1, size)}
+        else:
+            chosen = set()
+            for i in range(size):
+                others = [j for j in range(size) if j != i]
+                picks = torch.randperm(len(others), generator=generator)[:num_opponents].tolist()
+                chosen.update((min(i, others[p]), max(i, others[p])) for p in picks)
+        for i, j in sorted(chosen):
+            swap = bool(torch.randint(2, (1,), generator=generator).item())
+            pairs.append((members[j], members[i]) if swap else (members[i], members[j]))
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+
+
+def symmetric_preference(p_ab: torch.Tensor, p_ba: torch.Tensor) -> torch.Tensor:
+    """P(a > b) from both query orders, `(p_ab + 1 - p_ba) / 2`: a judge that always prefers the first image gives
+    0.5 (a tie), whatever the images."""
+    return 0.5 * (p_ab + 1.0 - p_ba)
+
+
+def win_rates(num_samples: int, pairs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Win rate of each sample: the mean of P(sample wins) over the pairs it took part in.
+
+    With all pairs of a group of G this is `w_i = 1/(G-1) sum_{j != i} p(i > j)`, and the group's mean win rate is
+    exactly 0.5. Samples in no pair get 0.5.
+
+    Args:
+        num_samples: N.
+        pairs: shape (P, 2), indices `(a, b)`.
+        probs: shape (P,), P(a preferred over b): hard verdicts 1 / 0.5 / 0 or probabilities.
+    """
+    probs = probs.double().cpu()
+    pairs = pairs.cpu()
+    wins = torch.zeros(num_samples, dtype=torch.float64)
+    games = torch.zeros(num_samples, dtype=torch.float64)
+    wins.index_add_(0, pairs[:, 0], probs)
+    wins.index_add_(0, pairs[:, 1], 1.0 - probs)
+    games.index_add_(0, pairs[:, 0], torch.ones_like(probs))
+    games.index_add_(0, pairs[:, 1], torch.ones_like(probs))
+    return torch.where(games > 0, wins / games.clamp(min=1), torch.full_like(wins, 0.5)).float()
+
+
+def win_rate_advantages(win_rate: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Pref-GRPO's advantage: `A_i = (w_i - mean_group(w)) / (std_group(w) + 1e-8)`.
+
+    Win rates move on a grid set by the number of opponents and reflect ranks, not score gaps: a group whose images
+    are indistinguishable (all ties) gets advantages of exactly 0, and the largest possible |A| is bounded by the group
+    size (about `sqrt(3)` for a strict ranking), unlike `(r - mean) / (std + eps)` of near-equal scores.
+    """
+    mean, std = group_stats(win_rate, group_ids)
+    return (win_rate - mean) / (std + WIN_RATE_STD_EPS)
+
+
+def mix_advantages(
+    parts: list[torch.Tensor], weights: list[float] | torch.Tensor, adv_clip_max: float = 5.0
+) -> torch.Tensor:
+    """Weighted sum of per-sample advantages from several sources (pointwise rewards, preference functions), clipped
+    to `+-adv_clip_max`: Pref-GRPO's mixing at the advantage level."""
+    if len(parts) != len(weights) or not parts:
+        raise ValueError(f"mix_advantages got {len(parts)} advantage vectors and {len(weights)} weights.")
+    total = sum(float(w) * part.float() for w, part in zip(weights, parts))
+    return total.clamp(-adv_clip_max, adv_clip_max)

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import hashlib
 import logging
+import math
 import os
 import signal
 import threading
@@ -21,19 +22,30 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
+from PIL import Image
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
 
-from .advantages import compute_advantages
+from .advantages import (
+    compute_advantages,
+    group_stats,
+    mix_advantages,
+    preference_pairs,
+    symmetric_preference,
+    win_rate_advantages,
+    win_rates,
+)
 from .ema import ParameterEMA
 from .flow_grpo_config import FlowGRPOConfig
 from .hub import push_checkpoint_to_hub, write_model_card
 from .pipelines import get_adapter
 from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
+from .rewards.preferences import call_preference_funcs, preference_func_name, resolve_preference_func
 from .sampling import WindowSchedule, rollout, step_log_prob
 from .utils import image_grid, save_and_report_image
 
@@ -168,6 +180,13 @@ class FlowGRPOTrainer(Trainer):
         peft_config ([`~peft.LoraConfig`], *optional*):
             Train a LoRA on the transformer (the reference policy is then the same network with the adapter
             disabled). Without it the whole transformer is trained and, if `beta > 0`, a frozen copy is kept.
+        preference_funcs (`callable`, `str` or a list of them, *optional*):
+            Pref-GRPO: pairwise preference functions, called as `f(prompts=..., images_a=..., images_b=...,
+            <dataset columns>=..., trainer_state=...)` and returning P(a preferred over b) per pair (see
+            `trl_flow_grpo.rewards.preferences`). The images of each group (gathered across processes) are compared
+            in pairs (`preference_num_opponents`, `preference_symmetric`); win rates become advantages, mixed with
+            the reward functions' at the advantage level (`preference_weights`). A string names a built-in judge or
+            a built-in reward compared through its scores. `reward_funcs` may then be empty.
     """
 
     _tag_names = ["trl", "flow-grpo", "diffusers", "lora", "text-to-image"]
@@ -181,13 +200,14 @@ class FlowGRPOTrainer(Trainer):
     def __init__(
         self,
         model: Any,
-        reward_funcs: Callable | str | list[Callable | str],
+        reward_funcs: Callable | str | list[Callable | str] | None = None,
         args: FlowGRPOConfig | None = None,
         train_dataset: Dataset | None = None,
         eval_dataset: Dataset | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
         peft_config: Any | None = None,
+        preference_funcs: Callable | str | list[Callable | str] | None = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else type(model).__name__
@@ -208,10 +228,27 @@ class FlowGRPOTrainer(Trainer):
                 f"{args.num_generations}). Add prompts or lower per_device_train_batch_size / "
                 "gradient_accumulation_steps."
             )
+        reward_funcs = [] if reward_funcs is None else reward_funcs
         if not isinstance(reward_funcs, (list, tuple)):
             reward_funcs = [reward_funcs]
-        if not reward_funcs:
-            raise ValueError("reward_funcs is empty: pass at least one reward function.")
+        preference_funcs = [] if preference_funcs is None else preference_funcs
+        if not isinstance(preference_funcs, (list, tuple)):
+            preference_funcs = [preference_funcs]
+        if not reward_funcs and not preference_funcs:
+            raise ValueError(
+                "Pass at least one reward function (reward_funcs) or preference function (preference_funcs)."
+            )
+        self.preference_funcs = [
+            resolve_preference_func(f, temperature=args.preference_temperature, tie_margin=args.preference_tie_margin)
+            for f in preference_funcs
+        ]
+        self.preference_func_names = [preference_func_name(f) for f in self.preference_funcs]
+        if args.preference_weights is not None and len(args.preference_weights) != len(self.preference_funcs):
+            raise ValueError(
+                f"preference_weights has {len(args.preference_weights)} values but there are "
+                f"{len(self.preference_funcs)} preference functions ({', '.join(self.preference_func_names)})."
+            )
+        self.preference_weights = list(args.preference_weights or [1.0] * len(self.preference_funcs))
         self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
         self.reward_funcs = [resolve_reward_func(f) for f in reward_funcs]
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
@@ -420,22 +457,36 @@ class FlowGRPOTrainer(Trainer):
         # Advantages need whole groups, which may span processes: gather, compute, keep our slice.
         rewards = rewards.to(device)
         row_ids = torch.tensor([row["_row"] for row in rows], device=device)
-        all_rewards, all_rows = self.accelerator.gather(rewards), self.accelerator.gather(row_ids)
+        all_rows = self.accelerator.gather(row_ids)
+        all_rewards = self.accelerator.gather(rewards) if self.reward_funcs else rewards.new_zeros((len(all_rows), 0))
         _, counts = torch.unique(all_rows, return_counts=True)
         if not torch.all(counts == args.num_generations):
             raise RuntimeError(f"Prompt groups are incomplete ({counts.tolist()}); this is a bug, please report it.")
-        result = compute_advantages(
-            all_rewards,
-            all_rows,
-            self.reward_weights.to(device),
-            scale_rewards=args.scale_rewards,
-            aggregation=args.multi_objective_aggregation,
-            adv_clip_max=args.adv_clip_max,
-        )
+        result = None
+        if self.reward_funcs:
+            result = compute_advantages(
+                all_rewards,
+                all_rows,
+                self.reward_weights.to(device),
+                scale_rewards=args.scale_rewards,
+                aggregation=args.multi_objective_aggregation,
+                adv_clip_max=args.adv_clip_max,
+            )
+            all_advantages = result.advantages
+        if self.preference_funcs:
+            parts = self._preference_advantages(images, all_rows)
+            weights = list(self.preference_weights)
+            if result is not None:
+                # The pointwise advantage carries the reward functions' total weight (normalize_then_sum already
+                # applied each weight), so that e.g. reward_weights=[0.4], preference_weights=[0.6] mixes 0.4 / 0.6.
+                parts.insert(0, result.advantages.cpu())
+                summed = args.multi_objective_aggregation == "sum_then_normalize"
+                weights.insert(0, float(self.reward_weights.sum()) if summed else 1.0)
+            all_advantages = mix_advantages(parts, weights, args.adv_clip_max).to(device)
         local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
-        advantages = result.advantages[local]
+        advantages = all_advantages[local]
 
-        self._log_generation_metrics(all_rewards, result, rollout_time, reward_time)
+        self._log_generation_metrics(all_rewards, result, all_advantages, rollout_time, reward_time)
         # The window and the cost of this generation batch on this process (transformer forwards counted per sample,
         # a CFG evaluation counting 2). Training runs one forward per recorded step and sample (plus one of the
         # reference model when beta > 0), num_iterations times.
@@ -447,7 +498,8 @@ class FlowGRPOTrainer(Trainer):
         self._metrics["rollout/transformer_calls_per_image"].append(rollout_calls / num_samples)
         self._metrics["rollout/transformer_calls_saved"].append(float(saved_calls))
         self._metrics["train/transformer_calls"].append(float(num_samples * len(window.steps) * per_step))
-        self._last_samples = (images, prompts, result.rewards[local].tolist())
+        shown = result.rewards[local] if result is not None else advantages  # pref-only: show the advantages
+        self._last_samples = (images, prompts, shown.tolist())
 
         processed, offset = [], 0
         for mb in micro_batches:
@@ -465,20 +517,88 @@ class FlowGRPOTrainer(Trainer):
             offset += size
         return processed
 
-    def _log_generation_metrics(self, rewards: torch.Tensor, result: Any, rollout_time: float, reward_time: float):
+    def _log_generation_metrics(
+        self, rewards: torch.Tensor, result: Any, advantages: torch.Tensor, rollout_time: float, reward_time: float
+    ):
         metrics = self._metrics
         for k, name in enumerate(self.reward_func_names):
             finite = rewards[:, k][~torch.isnan(rewards[:, k])]
             if finite.numel():  # a reward that applied to no sample of this batch has no mean to log
                 metrics[f"rewards/{name}/mean"].append(finite.mean().item())
                 metrics[f"rewards/{name}/std"].append(finite.std(unbiased=False).item())
-        metrics["reward"].append(result.rewards.mean().item())
-        metrics["reward_std"].append(result.group_std.mean().item())
-        metrics["frac_reward_zero_std"].append(result.frac_zero_std)
-        metrics["advantages/abs_mean"].append(result.advantages.abs().mean().item())
+        if result is not None:
+            metrics["reward"].append(result.rewards.mean().item())
+            metrics["reward_std"].append(result.group_std.mean().item())
+            metrics["frac_reward_zero_std"].append(result.frac_zero_std)
+        metrics["advantages/abs_mean"].append(advantages.abs().mean().item())
+        metrics["advantages/abs_max"].append(advantages.abs().max().item())
         metrics["time/rollout_s"].append(rollout_time)
         metrics["time/reward_s"].append(reward_time)
         metrics["num_images"] = [float((self._generation + 1) * rewards.shape[0])]
+
+    def _preference_advantages(self, images: list, all_rows: torch.Tensor) -> list[torch.Tensor]:
+        """Pref-GRPO: compare the images of each group in pairs and turn win rates into advantages, one vector (over
+        the whole gathered batch) per preference function.
+
+        Every process gets every image (gathered as uint8 pixels), builds the same pairs (seeded by the generation),
+        queries its share of them, and the verdicts are gathered back: groups split across processes are compared
+        whole, and the judging work is spread over the processes.
+        """
+        args, accelerator = self.args, self.accelerator
+        num_processes, rank = accelerator.num_processes, accelerator.process_index
+        pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
+        all_pixels = accelerator.gather(pixels.to(accelerator.device)).cpu()
+        group_ids = all_rows.cpu()
+        generator = torch.Generator().manual_seed(_seed(args.seed, self._generation, -2))
+        pairs = preference_pairs(group_ids, args.preference_num_opponents, generator)
+        queries = torch.cat([pairs, pairs.flip(1)]) if args.preference_symmetric else pairs
+        mine = queries[rank::num_processes]
+
+        pil: dict[int, Image.Image] = {}  # one object per image, so that judges can recognise repeats
+
+        def image(index: int) -> Image.Image:
+            if index not in pil:
+                pil[index] = Image.fromarray(all_pixels[index].numpy())
+            return pil[index]
+
+        source = self.train_dataset.dataset
+        dataset_rows = [source[int(group_ids[a])] for a in mine[:, 0].tolist()]
+        prompts = [row["prompt"] for row in dataset_rows]
+        columns = {key: [row[key] for row in dataset_rows] for key in (dataset_rows[0] if dataset_rows else {})}
+        columns.pop("prompt", None)
+        num_funcs = len(self.preference_funcs)
+        local = torch.full((math.ceil(len(queries) / num_processes), num_funcs), math.nan)
+        seconds = [0.0] * num_funcs
+        if len(mine):
+            probs, seconds = call_preference_funcs(
+                self.preference_funcs,
+                prompts,
+                [image(a) for a in mine[:, 0].tolist()],
+                [image(b) for b in mine[:, 1].tolist()],
+                columns,
+                trainer_state=self.state,
+            )
+            local[: len(mine)] = probs
+        gathered = accelerator.gather(local.to(accelerator.device)).cpu().reshape(num_processes, -1, num_funcs)
+        probs = torch.empty(len(queries), num_funcs)
+        for r in range(num_processes):  # process r answered queries r, r + P, r + 2P, ...
+            probs[r::num_processes] = gathered[r, : len(queries[r::num_processes])]
+        if args.preference_symmetric:
+            probs = symmetric_preference(probs[: len(pairs)], probs[len(pairs) :])
+
+        parts, metrics = [], self._metrics
+        metrics["preferences/pairs"].append(float(len(queries)))
+        for m, name in enumerate(self.preference_func_names):
+            rates = win_rates(len(group_ids), pairs, probs[:, m])
+            parts.append(win_rate_advantages(rates, group_ids))
+            _, rate_std = group_stats(rates, group_ids)
+            metrics[f"preferences/{name}/win_rate_mean"].append(rates.mean().item())
+            metrics[f"preferences/{name}/win_rate_std"].append(rate_std.mean().item())
+            metrics[f"preferences/{name}/tie_fraction"].append(
+                (probs[:, m] - 0.5).abs().lt(1e-6).float().mean().item()
+            )
+            metrics[f"preferences/{name}/latency_s"].append(seconds[m])
+        return parts
 
     # -------------------------------------------------------------- training
     def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -568,6 +688,12 @@ class FlowGRPOTrainer(Trainer):
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         _check_prompt_dataset(dataset, "eval_dataset")
+        if not self.reward_funcs:
+            raise ValueError(
+                "evaluate() reports the mean of each reward function, and this trainer has only preference functions. "
+                "Pass a pointwise reward too (with preference_weights doing the training, reward_weights=[0.0] keeps "
+                "it out of the advantages)."
+            )
         args, device = self.args, self.accelerator.device
         transformer = self.accelerator.unwrap_model(self.model)
         was_training = transformer.training
