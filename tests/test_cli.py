@@ -32,3 +32,88 @@ def test_train_without_a_model_runs_the_shapes_demo(tmp_path, capsys):
 def test_a_real_model_needs_a_dataset():
     with pytest.raises(ValueError, match="--dataset_name is required"):
         main(["train", "--model_name_or_path", "some/model", "--output_dir", "unused", "--report_to", "none"])
+
+
+def test_help_lists_sample_too(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert "sample" in out and "train" in out
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_accelerate_config_relaunches_train_under_accelerate(monkeypatch, form):
+    import os
+    import subprocess
+
+    from trl_flow_grpo import cli
+
+    calls = []
+    monkeypatch.setattr(
+        cli.subprocess, "run", lambda cmd, check: calls.append(cmd) or subprocess.CompletedProcess(cmd, 3)
+    )
+    option = ["--accelerate_config", "multi_gpu"] if form == "separate" else ["--accelerate_config=multi_gpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "recipe.yaml", *option, "--learning_rate", "1e-4"])
+    assert exit_info.value.code == 3  # the launched run's exit status
+    (cmd,) = calls
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    config = cmd[cmd.index("--config_file") + 1]
+    assert os.path.isfile(config) and config.endswith("multi_gpu.yaml")
+    assert cmd[cmd.index("--config_file") + 2 :] == [
+        "-m", "trl_flow_grpo.cli", "train", "--config", "recipe.yaml", "--learning_rate", "1e-4",
+    ]  # fmt: skip
+
+
+def test_accelerate_config_accepts_a_file_and_rejects_unknown_names(tmp_path):
+    from trl_flow_grpo.cli import accelerate_config_path
+
+    own = tmp_path / "mine.yaml"
+    own.write_text("distributed_type: NO\n")
+    assert accelerate_config_path(str(own)) == str(own)
+    with pytest.raises(SystemExit, match="shipped configs: deepspeed_zero2, fsdp, multi_gpu, single_gpu"):
+        accelerate_config_path("zero3")
+
+
+def _lora_folder(tmp_path, pipe):
+    """A LoRA with non-zero weights on the tiny transformer, saved the way the trainer saves it."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from trl_flow_grpo.testing import tiny_lora_config
+
+    pipe.transformer.add_adapter(tiny_lora_config())
+    with torch.no_grad():
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    folder = tmp_path / "lora"
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer)
+    )
+    return folder
+
+
+def test_sample_renders_a_grid_and_applies_the_lora(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from trl_flow_grpo.testing import make_tiny_sd3_pipeline
+
+    base = tmp_path / "base"
+    make_tiny_sd3_pipeline(seed=0, with_t5=True).save_pretrained(base)
+    lora = _lora_folder(tmp_path, make_tiny_sd3_pipeline(seed=0, with_t5=True))
+    common = ["--model_name_or_path", str(base), "--prompts", "a red circle", "two blue squares"]
+    common += ["--num_inference_steps", "2", "--height", "32", "--width", "32", "--images_per_prompt", "2"]
+    main(["sample", *common, "--output", str(tmp_path / "base.png")])
+    main(["sample", *common, "--lora", str(lora), "--output", str(tmp_path / "lora.png")])
+    assert "Wrote 4 images" in capsys.readouterr().out
+    without, with_lora = Image.open(tmp_path / "base.png"), Image.open(tmp_path / "lora.png")
+    assert without.size == with_lora.size
+    assert without.width == 2 * 128  # 2 images per prompt side by side, tiny tiles upscaled to 128 px
+    assert not np.array_equal(np.asarray(without), np.asarray(with_lora))
+
+
+def test_sample_needs_prompts():
+    with pytest.raises(SystemExit, match="no prompts"):
+        main(["sample", "--output", "unused.png"])

@@ -1,13 +1,18 @@
 """The `trl-flow-grpo` command.
 
-    trl-flow-grpo train [--config recipe.yaml] [--model_name_or_path ID] [--dataset_name NAME] [--<field> VALUE ...]
+    trl-flow-grpo train [--config recipe.yaml] [--accelerate_config NAME_OR_PATH] [--<field> VALUE ...]
+    trl-flow-grpo sample [--model_name_or_path ID] [--lora DIR_OR_REPO] --prompts "a cat" "a dog" [--output grid.png]
 
-Arguments are the fields of `TrainScriptArguments` and `FlowGRPOConfig`, in TRL's conventions (`TrlParser`: YAML
-defaults with `--config`, command-line overrides, an `env:` block). Without `--model_name_or_path` it trains the
-built-in offline demo: the shipped pretrained shapes model (`trl_flow_grpo.toy`), its prompts and the rule-based
-GenEval-like `shapes_geneval` reward, reporting held-out accuracy per category before and after.
+Arguments are the fields of `TrainScriptArguments` and `FlowGRPOConfig` (`train`) or `SampleArguments` (`sample`),
+in TRL's conventions (`TrlParser`: YAML defaults with `--config`, command-line overrides, an `env:` block). Without
+`--model_name_or_path`, `train` trains the built-in offline demo: the shipped pretrained shapes model
+(`trl_flow_grpo.toy`), its prompts and the rule-based GenEval-like `shapes_geneval` reward, reporting held-out
+accuracy per category before and after. `--accelerate_config` relaunches `train` under `accelerate launch` with a
+shipped config (`single_gpu`, `multi_gpu`, `deepspeed_zero2`, `fsdp`) or your own file.
 """
 
+import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -65,7 +70,12 @@ class TrainScriptArguments:
         prompt_column (`str`, *optional*, defaults to `"prompt"`):
             Column holding the prompts (renamed to `prompt`).
         reward_funcs (`list[str]`, *optional*, defaults to `["jpeg_compressibility"]`):
-            Built-in reward names (see `trl_flow_grpo.rewards.REWARD_FUNCS`).
+            Built-in reward names (see `trl_flow_grpo.rewards.REWARD_FUNCS`) or import paths of your own reward
+            functions (`my_pkg.rewards.my_reward`). May be empty when `preference_funcs` is set.
+        preference_funcs (`list[str]`, *optional*, defaults to `[]`):
+            Pref-GRPO preference functions: built-in judges (`trl_flow_grpo.rewards.preferences.PREFERENCE_FUNCS`),
+            built-in reward names (compared through their scores, see `preference_temperature` and
+            `preference_tie_margin`), or import paths.
         use_peft (`bool`, *optional*, defaults to `True`):
             Train a LoRA (diffusers format) instead of the whole transformer.
         lora_r (`int`, *optional*, defaults to `32`):
@@ -83,7 +93,12 @@ class TrainScriptArguments:
     dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
     reward_funcs: list[str] = field(
-        default_factory=lambda: ["jpeg_compressibility"], metadata={"help": "Built-in reward names."}
+        default_factory=lambda: ["jpeg_compressibility"],
+        metadata={"help": "Built-in reward names or import paths (my_pkg.rewards.my_reward)."},
+    )
+    preference_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Pref-GRPO preference functions: built-in judges, reward names or import paths."},
     )
     use_peft: bool = field(default=True, metadata={"help": "Train a LoRA instead of the whole transformer."})
     lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
@@ -234,6 +249,7 @@ def train(argv: list[str]) -> None:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         peft_config=peft_config,
+        preference_funcs=script_args.preference_funcs,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -247,6 +263,8 @@ def train(argv: list[str]) -> None:
         flush=True,
     )
     evaluate = _demo_evaluation(trainer, eval_dataset) if demo else trainer.evaluate
+    if not demo and not trainer.reward_funcs:
+        eval_dataset = None  # evaluate() reports pointwise rewards; a preference-only run has none
     before = evaluate() if eval_dataset is not None else None
     trainer.train()
     after = evaluate() if eval_dataset is not None else None
@@ -259,7 +277,163 @@ def train(argv: list[str]) -> None:
         print(f"Saved to {training_args.output_dir}/ (samples in {training_args.output_dir}/samples/)")
 
 
-COMMANDS = {"train": (train, "Train a flow-matching pipeline with Flow-GRPO (built-in offline demo by default).")}
+# ----------------------------------------------------------------------------------------- accelerate launch
+def accelerate_config_path(name_or_path: str) -> str:
+    """A shipped accelerate config by name (`multi_gpu`, `deepspeed_zero2`, `fsdp`, `single_gpu`), or a file path."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    from importlib.resources import files
+
+    shipped = files("trl_flow_grpo") / "accelerate_configs"
+    names = sorted(p.name.removesuffix(".yaml") for p in shipped.iterdir() if p.name.endswith(".yaml"))
+    if name_or_path.removesuffix(".yaml") not in names:
+        raise SystemExit(
+            f"trl-flow-grpo: --accelerate_config {name_or_path!r} is neither a file nor a shipped config; shipped "
+            f"configs: {', '.join(names)}."
+        )
+    return str(shipped / f"{name_or_path.removesuffix('.yaml')}.yaml")
+
+
+def _pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    """Remove `--name VALUE` / `--name=VALUE` from argv; return the rest and the value."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        if argv[i] == name:
+            if i + 1 >= len(argv):
+                raise SystemExit(f"trl-flow-grpo: {name} needs a value (a shipped config name or a file path).")
+            value, i = argv[i + 1], i + 2
+        elif argv[i].startswith(name + "="):
+            value, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, value
+
+
+def launch_with_accelerate(config: str, command: str, argv: list[str]) -> int:
+    """Run `trl-flow-grpo <command> argv` under `accelerate launch --config_file <config>`; return its exit code."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config_path(config)]
+    cmd += ["-m", "trl_flow_grpo.cli", command, *argv]
+    print("Launching:", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=False).returncode
+
+
+# ----------------------------------------------------------------------------------------------------- sample
+@dataclass
+class SampleArguments:
+    """Arguments of `trl-flow-grpo sample`: render prompts with a base pipeline (plus a trained LoRA) into a grid.
+
+    Parameters:
+        model_name_or_path (`str`, *optional*):
+            Hub id or local path of the base diffusers pipeline. Unset: the built-in shapes model.
+        lora (`str`, *optional*):
+            Folder or Hub repo with `pytorch_lora_weights.safetensors` (what `FlowGRPOTrainer` saves and pushes), or a
+            full fine-tuning output folder with a `transformer/` subfolder.
+        prompts (`list[str]`, *optional*):
+            Prompts to render.
+        prompts_file (`str`, *optional*):
+            A text file with one prompt per line (added after `prompts`).
+        images_per_prompt (`int`, *optional*, defaults to `1`):
+            Images per prompt (seeds `seed`, `seed + 1`, ...).
+        output (`str`, *optional*, defaults to `"samples.png"`):
+            Where to write the grid.
+        num_inference_steps (`int`, *optional*, defaults to `40`):
+            ODE steps (the Flow-GRPO paper evaluates with 40).
+        guidance_scale (`float`, *optional*, defaults to `4.5`):
+            Classifier-free guidance scale.
+        height (`int`, *optional*):
+            Image height; defaults to the pipeline's.
+        width (`int`, *optional*):
+            Image width; defaults to the pipeline's.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the first image of each prompt.
+        dtype (`str`, *optional*, defaults to `"auto"`):
+            `"auto"` (bfloat16 on CUDA, float32 otherwise), `"float32"`, `"bfloat16"` or `"float16"`.
+    """
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base pipeline; unset: shapes model."})
+    lora: str | None = field(default=None, metadata={"help": "LoRA folder or Hub repo (or full fine-tuning output)."})
+    prompts: list[str] = field(default_factory=list, metadata={"help": "Prompts to render."})
+    prompts_file: str | None = field(default=None, metadata={"help": "File with one prompt per line."})
+    images_per_prompt: int = field(default=1, metadata={"help": "Images per prompt."})
+    output: str = field(default="samples.png", metadata={"help": "Output grid path."})
+    num_inference_steps: int = field(default=40, metadata={"help": "ODE steps."})
+    guidance_scale: float = field(default=4.5, metadata={"help": "Classifier-free guidance scale."})
+    height: int | None = field(default=None, metadata={"help": "Image height (default: the pipeline's)."})
+    width: int | None = field(default=None, metadata={"help": "Image width (default: the pipeline's)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the first image of each prompt."})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
+
+
+def sample(argv: list[str]) -> None:
+    """`trl-flow-grpo sample`: base pipeline (+ LoRA) -> one image grid with the prompts as captions."""
+    from trl import TrlParser
+
+    (args,) = TrlParser((SampleArguments,), prog="trl-flow-grpo sample").parse_args_and_config(argv)
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit('trl-flow-grpo sample: no prompts; pass --prompts "a cat" "a dog" or --prompts_file FILE.')
+    if args.images_per_prompt < 1:
+        raise SystemExit(f"trl-flow-grpo sample: --images_per_prompt must be >= 1, got {args.images_per_prompt}.")
+
+    import torch
+    from diffusers import DiffusionPipeline
+    from tqdm.auto import tqdm
+
+    from .utils import image_grid
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if args.dtype != "auto" and args.dtype not in dtypes:
+        raise SystemExit(f"trl-flow-grpo sample: --dtype must be auto, {', '.join(dtypes)}; got {args.dtype!r}.")
+    dtype = dtypes.get(args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+    if args.model_name_or_path is None:
+        from .toy.model import SHAPES_SAMPLING, load_shapes_pipeline
+
+        pipe = load_shapes_pipeline(dtype)
+        extra = {"max_sequence_length": SHAPES_SAMPLING["max_sequence_length"]}
+        args.height, args.width = args.height or SHAPES_SAMPLING["height"], args.width or SHAPES_SAMPLING["width"]
+    else:
+        pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, torch_dtype=dtype)
+        extra = {}
+    if args.lora is not None:
+        transformer_dir = os.path.join(args.lora, "transformer")
+        if os.path.isdir(transformer_dir):  # a full fine-tuning output
+            pipe.transformer = type(pipe.transformer).from_pretrained(transformer_dir, torch_dtype=dtype)
+        else:
+            pipe.load_lora_weights(args.lora)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    images, captions = [], []
+    jobs = [(p, k) for p in prompts for k in range(args.images_per_prompt)]
+    for prompt, k in tqdm(jobs, desc="sample"):
+        generator = torch.Generator(device).manual_seed(args.seed + k)
+        image = pipe(
+            prompt,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            height=args.height,
+            width=args.width,
+            generator=generator,
+            **extra,
+        ).images[0]
+        images.append(image)
+        captions.append(prompt)
+    directory = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(directory, exist_ok=True)
+    image_grid(images, captions, ncols=args.images_per_prompt if args.images_per_prompt > 1 else None).save(
+        args.output
+    )
+    print(f"Wrote {len(images)} images to {args.output}", flush=True)
+
+
+COMMANDS = {
+    "train": (train, "Train a flow-matching pipeline with Flow-GRPO (built-in offline demo by default)."),
+    "sample": (sample, "Render prompts with a base pipeline plus a trained LoRA into an image grid."),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,6 +447,10 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         raise SystemExit(f"trl-flow-grpo: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    if command == "train":
+        rest, config = _pop_option(rest, "--accelerate_config")
+        if config is not None:
+            raise SystemExit(launch_with_accelerate(config, command, rest))
     COMMANDS[command][0](rest)
 
 
