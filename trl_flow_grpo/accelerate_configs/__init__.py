@@ -1,0 +1,6 @@
+"""Accelerate configurations shipped with trl-flow-grpo (data files, like TRL's `trl/accelerate_configs`).
+
+`accelerate launch --config_file <path to one of them> -m trl_flow_grpo.cli train ...`, or by name with
+`trl-flow-grpo train --accelerate_config multi_gpu ...`. Find them with
+`importlib.resources.files("trl_flow_grpo.accelerate_configs") / "multi_gpu.yaml"`. See docs/multi_gpu.md.
+"""
