@@ -25,11 +25,23 @@ def brightness(images, **kwargs):
     return [float(np.asarray(image.convert("L"), dtype=np.float64).mean() / 255.0) for image in images]
 
 
+class BrighterWins:
+    """A preference function that counts the pairs it is asked about."""
+
+    def __init__(self):
+        self.queries = 0
+
+    def __call__(self, prompts, images_a, images_b, **kwargs):
+        self.queries += len(prompts)
+        return [float(a > b) for a, b in zip(brightness(images_a), brightness(images_b))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--grad_accum", type=int, required=True)
     parser.add_argument("--same_latent", action="store_true")
+    parser.add_argument("--preference", action="store_true", help="add a Pref-GRPO preference function")
     cli = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -55,12 +67,14 @@ def main() -> None:
         dataloader_pin_memory=False,
         seed=0,
     )
+    judge = BrighterWins()
     trainer = FlowGRPOTrainer(
         model=make_tiny_sd3_pipeline(seed=0),
         reward_funcs=brightness,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         peft_config=tiny_lora_config(),
+        preference_funcs=[judge] if cli.preference else None,
     )
     record = {"micro_batches": [], "windows": []}
     generate = trainer._generate_and_score
@@ -85,6 +99,7 @@ def main() -> None:
     record["rewards"] = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     rank = trainer.accelerator.process_index
     record["num_processes"] = trainer.accelerator.num_processes
+    record["preference_queries"] = judge.queries
     with open(os.path.join(cli.out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
     trainer.save_model(os.path.join(cli.out, "final"))

@@ -105,3 +105,21 @@ def test_same_latent_gives_a_group_one_noise_across_processes(tmp_path):
                 by_row.setdefault(row, set()).add(noise)
     assert by_row and all(len(noises) == 1 for noises in by_row.values())
     assert len({next(iter(n)) for n in by_row.values()}) == len(by_row)  # different prompts, different noise
+
+
+def test_preferences_compare_whole_groups_across_processes_and_share_the_judging(tmp_path):
+    """Pref-GRPO: groups split over processes are paired whole (the reference code pairs only within one GPU's batch),
+    each process judges half of the pairs, and the advantages equal those of one process."""
+    one = _run(tmp_path / "one", 1, 4, "--preference")[0]
+    two = _run(tmp_path / "two", 2, 2, "--preference")
+    pairs_per_step = 2 * 6  # 2 groups of 4 per step: 6 pairs each
+    assert one["preference_queries"] == 2 * pairs_per_step
+    assert [record["preference_queries"] for record in two] == [pairs_per_step, pairs_per_step]
+    single = one["micro_batches"][:4]
+    multi = _global_order(two, 0)
+    torch.testing.assert_close(
+        torch.tensor([a for mb in multi for a in mb["advantages"]]),
+        torch.tensor([a for mb in single for a in mb["advantages"]]),
+        atol=0.0,
+        rtol=0.0,
+    )
