@@ -27,6 +27,13 @@ def test_train_without_a_model_runs_the_shapes_demo(tmp_path, capsys):
     assert "accuracy/position" in out  # the held-out table, before and after
     assert (tmp_path / "transformer" / "config.json").is_file()  # the demo fine-tunes the whole transformer
     assert list((tmp_path / "samples").glob("train_step*.png"))
+    # `sample` loads the fully fine-tuned transformer from the training output over the shapes model.
+    grid = tmp_path / "grid.png"
+    main(
+        ["sample", "--lora", str(tmp_path), "--prompts", "a red circle", "--num_inference_steps", "2"]
+        + ["--output", str(grid)]
+    )
+    assert grid.is_file()
 
 
 def test_a_real_model_needs_a_dataset():
@@ -117,3 +124,15 @@ def test_sample_renders_a_grid_and_applies_the_lora(tmp_path, capsys):
 def test_sample_needs_prompts():
     with pytest.raises(SystemExit, match="no prompts"):
         main(["sample", "--output", "unused.png"])
+
+
+def test_train_resumes_from_the_newest_checkpoint(tmp_path, capsys):
+    common = ["train", "--output_dir", str(tmp_path), "--num_generations", "2", "--per_device_train_batch_size", "2"]
+    common += ["--gradient_accumulation_steps", "1", "--num_inference_steps", "2", "--eval_num_inference_steps", "1"]
+    common += ["--logging_steps", "1", "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", "1"]
+    main([*common, "--max_steps", "1"])
+    assert (tmp_path / "checkpoint-1").is_dir()
+    capsys.readouterr()
+    main([*common, "--max_steps", "2", "--resume_from_checkpoint", "true"])
+    out = capsys.readouterr().out
+    assert "step    2/2 | reward" in out and "step    1/2" not in out  # step 1 was not trained again

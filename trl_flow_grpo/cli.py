@@ -266,7 +266,10 @@ def train(argv: list[str]) -> None:
     if not demo and not trainer.reward_funcs:
         eval_dataset = None  # evaluate() reports pointwise rewards; a preference-only run has none
     before = evaluate() if eval_dataset is not None else None
-    trainer.train()
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the newest checkpoint-<step> in output_dir
+    trainer.train(resume_from_checkpoint=resume)
     after = evaluate() if eval_dataset is not None else None
     trainer.save_model()
     if before is not None and after is not None and trainer.is_world_process_zero():
