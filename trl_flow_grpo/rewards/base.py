@@ -22,8 +22,9 @@ import importlib
 import inspect
 import math
 import numbers
+import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -97,7 +98,7 @@ def resolve_reward_func(func_or_name: str | RewardFunc) -> RewardFunc:
         if func_or_name in REWARD_FUNCS:
             return REWARD_FUNCS[func_or_name]
         if "." in func_or_name or ":" in func_or_name:
-            return _import_reward_func(func_or_name)
+            return _import_func(func_or_name)
         available = ", ".join(repr(name) for name in sorted(REWARD_FUNCS))
         raise ValueError(
             f"Unknown reward function {func_or_name!r}. Available built-in reward functions: {available}. "
@@ -113,8 +114,11 @@ def resolve_reward_func(func_or_name: str | RewardFunc) -> RewardFunc:
     return func_or_name
 
 
-def _import_reward_func(path: str) -> RewardFunc:
-    """Import the reward function named by `path` (`"pkg.module.attr"` or `"pkg.module:attr.sub"`)."""
+def _import_func(
+    path: str, kind: str = "reward function", builtins: Iterable[str] = REWARD_FUNCS
+) -> Callable[..., Any]:
+    """Import the `kind` (e.g. "reward function") named by `path` (`"pkg.module.attr"` or `"pkg.module:attr.sub"`);
+    `builtins` are the built-in names listed when the path is malformed."""
     if ":" in path:
         module_name, _, attr_path = path.partition(":")
     else:
@@ -122,15 +126,15 @@ def _import_reward_func(path: str) -> RewardFunc:
     parts = module_name.split(".") + attr_path.split(".")
     if path.count(":") > 1 or not all(part.isidentifier() for part in parts):
         raise ValueError(
-            f"Invalid reward function import path {path!r}: expected 'package.module.function' or "
+            f"Invalid {kind} import path {path!r}: expected 'package.module.function' or "
             "'package.module:function' (dotted Python identifiers), or a built-in name "
-            f"({', '.join(repr(name) for name in sorted(REWARD_FUNCS))})."
+            f"({', '.join(repr(name) for name in sorted(builtins))})."
         )
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as error:
         raise ImportError(
-            f"Cannot import reward function {path!r}: importing module {module_name!r} failed "
+            f"Cannot import {kind} {path!r}: importing module {module_name!r} failed "
             f"({type(error).__name__}: {error}). Make sure the module is importable (installed, or its folder on "
             "PYTHONPATH)."
         ) from error
@@ -139,16 +143,16 @@ def _import_reward_func(path: str) -> RewardFunc:
             obj = getattr(obj, attr)
         except AttributeError:
             raise ValueError(
-                f"Cannot import reward function {path!r}: {type(obj).__name__} {getattr(obj, '__name__', obj)!r} "
+                f"Cannot import {kind} {path!r}: {type(obj).__name__} {getattr(obj, '__name__', obj)!r} "
                 f"has no attribute {attr!r}."
             ) from None
     if isinstance(obj, type):
         raise TypeError(
-            f"Reward function {path!r} is a class; name a function or an instance instead (e.g. a module-level "
-            f"`my_reward = {obj.__name__}()`)."
+            f"{kind.capitalize()} {path!r} is a class; name a function or an instance instead (e.g. a module-level "
+            f"`my_{kind.split()[0]} = {obj.__name__}()`)."
         )
     if not callable(obj):
-        raise TypeError(f"Reward function {path!r} is a {type(obj).__name__}, which is not callable.")
+        raise TypeError(f"{kind.capitalize()} {path!r} is a {type(obj).__name__}, which is not callable.")
     return obj
 
 
@@ -174,10 +178,10 @@ def _select_kwargs(func: RewardFunc, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if key in names}
 
 
-def _add_note(error: BaseException, name: str) -> None:
-    """Mark an exception raised inside a reward function with that function's name (Python >= 3.11)."""
+def _add_note(error: BaseException, name: str, kind: str) -> None:
+    """Mark an exception raised inside a function with its kind and name (Python >= 3.11)."""
     if hasattr(error, "add_note"):
-        error.add_note(f"(raised by reward function {name!r})")
+        error.add_note(f"(raised by {kind} {name!r})")
 
 
 def _to_float(name: str, index: int, value: Any) -> float:
@@ -202,25 +206,43 @@ def _to_float(name: str, index: int, value: Any) -> float:
     return result
 
 
-def _to_float_list(name: str, result: Any, num_samples: int) -> list[float]:
-    """Validate one reward function's result and convert it to a list of floats (NaN for None)."""
+def _check_columns(
+    kind: str, columns: dict[str, Sequence[Any]] | None, reserved: tuple[str, ...], count: int, unit: str
+) -> dict[str, Sequence[Any]]:
+    """Check that no dataset column is named like a reserved keyword and each has one entry per `unit`."""
+    columns = dict(columns or {})
+    for key, values in columns.items():
+        if key in reserved:
+            raise ValueError(
+                f"dataset column {key!r} clashes with a reserved {kind.replace(' ', '-')} keyword {reserved}"
+            )
+        if len(values) != count:
+            raise ValueError(f"dataset column {key!r} has {len(values)} entries for {count} {unit}s")
+    return columns
+
+
+def _as_value_list(
+    kind: str, name: str, result: Any, count: int, unit: str, convert: Callable[[str, int, Any], float]
+) -> list[float]:
+    """Validate one function's result (a 1-D tensor / array or a sequence with one entry per `unit`) and convert
+    each entry with `convert(name, index, value)`."""
     if isinstance(result, (torch.Tensor, np.ndarray)):
         if result.ndim != 1:
             raise ValueError(
-                f"reward function {name!r} returned a {type(result).__name__} of shape {tuple(result.shape)}; "
-                f"expected a 1-D result with one value per sample ({num_samples})"
+                f"{kind} {name!r} returned a {type(result).__name__} of shape {tuple(result.shape)}; "
+                f"expected a 1-D result with one value per {unit} ({count})"
             )
         values = result.detach().cpu().tolist() if isinstance(result, torch.Tensor) else result.tolist()
     elif isinstance(result, Sequence) and not isinstance(result, (str, bytes, bytearray)):
         values = list(result)
     else:
         raise TypeError(
-            f"reward function {name!r} returned {type(result).__name__}; expected a list (or tuple, numpy array, "
-            "or torch tensor) with one float or None per sample"
+            f"{kind} {name!r} returned {type(result).__name__}; expected a list (or tuple, numpy array, "
+            f"or torch tensor) with one value (or None) per {unit}"
         )
-    if len(values) != num_samples:
-        raise ValueError(f"reward function {name!r} returned {len(values)} values for {num_samples} samples")
-    return [_to_float(name, index, value) for index, value in enumerate(values)]
+    if len(values) != count:
+        raise ValueError(f"{kind} {name!r} returned {len(values)} values for {count} {unit}s")
+    return [convert(name, index, value) for index, value in enumerate(values)]
 
 
 def _run_awaitables(factories: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
@@ -245,12 +267,79 @@ def _identity(value: Any) -> Any:
     return value
 
 
-async def _await_named(name: str, make_awaitable: Callable[[], Awaitable[Any]]) -> Any:
+async def _timed(
+    kind: str, name: str, make_awaitable: Callable[[], Awaitable[Any]], offset: float, seconds: list[float], j: int
+) -> Any:
+    """Await one function's result, noting its name on errors; `seconds[j]` gets `offset` (the time its sync part
+    took, if any) plus the time from now to its completion."""
+    start = time.perf_counter()
     try:
         return await make_awaitable()
     except Exception as error:
-        _add_note(error, name)
+        _add_note(error, name, kind)
         raise
+    finally:
+        seconds[j] = offset + time.perf_counter() - start
+
+
+def _call_funcs(
+    kind: str,
+    unit: str,
+    convert: Callable[[str, int, Any], float],
+    funcs: Sequence[Callable[..., Any]],
+    names: Sequence[str],
+    kwargs: dict[str, Any],
+    count: int,
+) -> tuple[torch.Tensor, list[float]]:
+    """Call every function with (its selection of) `kwargs` and stack the converted results.
+
+    Sync functions run one after the other, in order; async functions (and awaitables returned by sync ones) then
+    run concurrently with each other, in a single event loop. Errors raised inside a function get a note naming it.
+
+    Returns:
+        A float32 tensor of shape `(count, len(funcs))` whose column `j` holds the converted results of `funcs[j]`,
+        and the wall-clock seconds each function took: measured alone for a sync function; for an async one, from
+        its start to its own completion (they overlap).
+    """
+    values: list[list[float] | None] = [None] * len(funcs)
+    seconds = [0.0] * len(funcs)
+    pending: dict[int, tuple[Callable[[], Awaitable[Any]], float]] = {}  # index -> (awaitable maker, sync seconds)
+    returned: list[Awaitable[Any]] = []  # awaitables already returned by sync functions
+
+    try:
+        for j, (func, name) in enumerate(zip(funcs, names)):
+            if _is_async(func):
+                pending[j] = (functools.partial(func, **_select_kwargs(func, kwargs)), 0.0)
+                continue
+            start = time.perf_counter()
+            try:
+                result = func(**_select_kwargs(func, kwargs))
+            except Exception as error:
+                _add_note(error, name, kind)
+                raise
+            if inspect.isawaitable(result):  # e.g. a sync wrapper around an async function
+                returned.append(result)
+                pending[j] = (functools.partial(_identity, result), time.perf_counter() - start)
+                continue
+            seconds[j] = time.perf_counter() - start
+            values[j] = _as_value_list(kind, name, result, count, unit, convert)
+    except BaseException:
+        for awaitable in returned:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # avoid "coroutine was never awaited"
+        raise
+
+    if pending:
+        order = list(pending)
+        factories = [functools.partial(_timed, kind, names[j], *pending[j], seconds, j) for j in order]
+        for j, result in zip(order, _run_awaitables(factories)):
+            values[j] = _as_value_list(kind, names[j], result, count, unit, convert)
+
+    stacked = torch.zeros((count, len(funcs)), dtype=torch.float32)
+    for j, column in enumerate(values):
+        if count:
+            stacked[:, j] = torch.tensor(column, dtype=torch.float64).to(torch.float32)
+    return stacked, seconds
 
 
 def _warn_all_none(rewards: torch.Tensor, prompts: list[str]) -> None:
@@ -307,53 +396,11 @@ def call_reward_funcs(
     num_samples = len(prompts)
     if len(images) != num_samples:
         raise ValueError(f"got {len(images)} images for {num_samples} prompts")
-    columns = dict(columns or {})
-    for key, values in columns.items():
-        if key in _RESERVED_KWARGS:
-            raise ValueError(
-                f"dataset column {key!r} clashes with a reserved reward-function keyword {_RESERVED_KWARGS}"
-            )
-        if len(values) != num_samples:
-            raise ValueError(f"dataset column {key!r} has {len(values)} entries for {num_samples} samples")
+    columns = _check_columns("reward function", columns, _RESERVED_KWARGS, num_samples, "sample")
     kwargs = {"prompts": prompts, "images": images, **columns, "trainer_state": trainer_state}
-
     funcs = [resolve_reward_func(func) for func in reward_funcs]
     names = [reward_func_name(func) for func in funcs]
-    values: list[list[float] | None] = [None] * len(funcs)
-    pending: dict[int, Callable[[], Awaitable[Any]]] = {}  # function index -> makes the awaitable to gather
-    returned: list[Awaitable[Any]] = []  # awaitables already returned by sync functions
-
-    try:
-        for j, (func, name) in enumerate(zip(funcs, names)):
-            if _is_async(func):
-                pending[j] = functools.partial(func, **_select_kwargs(func, kwargs))
-                continue
-            try:
-                result = func(**_select_kwargs(func, kwargs))
-            except Exception as error:
-                _add_note(error, name)
-                raise
-            if inspect.isawaitable(result):  # e.g. a sync wrapper around an async function
-                returned.append(result)
-                pending[j] = functools.partial(_identity, result)
-            else:
-                values[j] = _to_float_list(name, result, num_samples)
-    except BaseException:
-        for awaitable in returned:
-            if inspect.iscoroutine(awaitable):
-                awaitable.close()  # avoid "coroutine was never awaited"
-        raise
-
-    if pending:
-        order = list(pending)
-        factories = [functools.partial(_await_named, names[j], pending[j]) for j in order]
-        for j, result in zip(order, _run_awaitables(factories)):
-            values[j] = _to_float_list(names[j], result, num_samples)
-
-    rewards = torch.full((num_samples, len(funcs)), math.nan, dtype=torch.float32)
-    for j, column in enumerate(values):
-        if num_samples:
-            rewards[:, j] = torch.tensor(column, dtype=torch.float64).to(torch.float32)
+    rewards, _ = _call_funcs("reward function", "sample", _to_float, funcs, names, kwargs, num_samples)
     if funcs:
         _warn_all_none(rewards, prompts)
     return rewards

@@ -25,8 +25,7 @@ import functools
 import inspect
 import math
 import numbers
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,10 +34,9 @@ import torch
 from .base import (
     REWARD_FUNCS,
     RewardFunc,
-    _import_reward_func,
-    _is_async,
-    _run_awaitables,
-    _select_kwargs,
+    _call_funcs,
+    _check_columns,
+    _import_func,
     call_reward_funcs,
     resolve_reward_func,
     reward_func_name,
@@ -139,9 +137,7 @@ class ScalarPreference:
         """Return P(`images_a[i]` preferred over `images_b[i]`) for every pair (see the class docstring)."""
         _check_pairs(prompts, images_a, images_b)
         num_pairs = len(prompts)
-        for key, values in columns.items():
-            if len(values) != num_pairs:
-                raise ValueError(f"dataset column {key!r} has {len(values)} entries for {num_pairs} pairs")
+        _check_columns("preference function", columns, _RESERVED_KWARGS, num_pairs, "pair")
         if num_pairs == 0:
             return []
 
@@ -205,7 +201,7 @@ def resolve_preference_func(
             return ScalarPreference(func_or_name, temperature=temperature, tie_margin=tie_margin)
         if func_or_name not in PREFERENCE_FUNCS:
             if "." in func_or_name or ":" in func_or_name:
-                return _import_reward_func(func_or_name)
+                return _import_func(func_or_name, "preference function", [*PREFERENCE_FUNCS, *REWARD_FUNCS])
             raise _unknown_name_error(func_or_name)
         factory = PREFERENCE_FUNCS[func_or_name]
         required = [
@@ -256,12 +252,6 @@ def preference_func_name(func: str | PreferenceFunc) -> str:
     return type(func).__name__
 
 
-def _add_note(error: BaseException, name: str) -> None:
-    """Mark an exception raised inside a preference function with that function's name (Python >= 3.11)."""
-    if hasattr(error, "add_note"):
-        error.add_note(f"(raised by preference function {name!r})")
-
-
 def _to_probability(name: str, index: int, value: Any) -> float:
     """Convert one returned entry to a probability in [0, 1]; `None` (no verdict) becomes 0.5."""
     if value is None:
@@ -287,46 +277,6 @@ def _to_probability(name: str, index: int, value: Any) -> float:
             "function in ScalarPreference."
         )
     return min(max(result, 0.0), 1.0)
-
-
-def _to_probability_list(name: str, result: Any, num_pairs: int) -> list[float]:
-    """Validate one preference function's result and convert it to a list of probabilities."""
-    if isinstance(result, (torch.Tensor, np.ndarray)):
-        if result.ndim != 1:
-            raise ValueError(
-                f"preference function {name!r} returned a {type(result).__name__} of shape {tuple(result.shape)}; "
-                f"expected a 1-D result with one value per pair ({num_pairs})"
-            )
-        values = result.detach().cpu().tolist() if isinstance(result, torch.Tensor) else result.tolist()
-    elif isinstance(result, Sequence) and not isinstance(result, (str, bytes, bytearray)):
-        values = list(result)
-    else:
-        raise TypeError(
-            f"preference function {name!r} returned {type(result).__name__}; expected a list (or tuple, numpy "
-            "array, or torch tensor) with one probability or None per pair"
-        )
-    if len(values) != num_pairs:
-        raise ValueError(f"preference function {name!r} returned {len(values)} values for {num_pairs} pairs")
-    return [_to_probability(name, index, value) for index, value in enumerate(values)]
-
-
-async def _timed(
-    name: str, make_awaitable: Callable[[], Awaitable[Any]], offset: float, seconds: list[float], j: int
-) -> Any:
-    """Await one function's result, noting its name on errors; `seconds[j]` gets `offset` (the time its sync part
-    took, if any) plus the time from now to its completion."""
-    start = time.perf_counter()
-    try:
-        return await make_awaitable()
-    except Exception as error:
-        _add_note(error, name)
-        raise
-    finally:
-        seconds[j] = offset + time.perf_counter() - start
-
-
-def _identity(value: Any) -> Any:
-    return value
 
 
 def call_preference_funcs(
@@ -365,14 +315,7 @@ def call_preference_funcs(
     """
     _check_pairs(prompts, images_a, images_b)
     num_pairs = len(prompts)
-    columns = dict(columns or {})
-    for key, values in columns.items():
-        if key in _RESERVED_KWARGS:
-            raise ValueError(
-                f"dataset column {key!r} clashes with a reserved preference-function keyword {_RESERVED_KWARGS}"
-            )
-        if len(values) != num_pairs:
-            raise ValueError(f"dataset column {key!r} has {len(values)} entries for {num_pairs} pairs")
+    columns = _check_columns("preference function", columns, _RESERVED_KWARGS, num_pairs, "pair")
     kwargs = {
         "prompts": prompts,
         "images_a": images_a,
@@ -380,45 +323,6 @@ def call_preference_funcs(
         **columns,
         "trainer_state": trainer_state,
     }
-
     resolved = [resolve_preference_func(func) for func in funcs]
     names = [preference_func_name(func) for func in resolved]
-    values: list[list[float] | None] = [None] * len(resolved)
-    seconds = [0.0] * len(resolved)
-    pending: dict[int, tuple[Callable[[], Awaitable[Any]], float]] = {}  # index -> (awaitable maker, sync seconds)
-    returned: list[Awaitable[Any]] = []  # awaitables already returned by sync functions
-
-    try:
-        for j, (func, name) in enumerate(zip(resolved, names)):
-            if _is_async(func):
-                pending[j] = (functools.partial(func, **_select_kwargs(func, kwargs)), 0.0)
-                continue
-            start = time.perf_counter()
-            try:
-                result = func(**_select_kwargs(func, kwargs))
-            except Exception as error:
-                _add_note(error, name)
-                raise
-            if inspect.isawaitable(result):  # e.g. a sync wrapper around an async function
-                returned.append(result)
-                pending[j] = (functools.partial(_identity, result), time.perf_counter() - start)
-                continue
-            seconds[j] = time.perf_counter() - start
-            values[j] = _to_probability_list(name, result, num_pairs)
-    except BaseException:
-        for awaitable in returned:
-            if inspect.iscoroutine(awaitable):
-                awaitable.close()  # avoid "coroutine was never awaited"
-        raise
-
-    if pending:
-        order = list(pending)
-        factories = [functools.partial(_timed, names[j], pending[j][0], pending[j][1], seconds, j) for j in order]
-        for j, result in zip(order, _run_awaitables(factories)):
-            values[j] = _to_probability_list(names[j], result, num_pairs)
-
-    probabilities = torch.full((num_pairs, len(resolved)), 0.5, dtype=torch.float32)
-    for j, column in enumerate(values):
-        if num_pairs:
-            probabilities[:, j] = torch.tensor(column, dtype=torch.float64).to(torch.float32)
-    return probabilities, seconds
+    return _call_funcs("preference function", "pair", _to_probability, resolved, names, kwargs, num_pairs)
