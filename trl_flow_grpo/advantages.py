@@ -203,8 +203,8 @@ def win_rate_advantages(win_rate: torch.Tensor, group_ids: torch.Tensor) -> torc
     """Pref-GRPO's advantage: `A_i = (w_i - mean_group(w)) / (std_group(w) + 1e-8)`.
 
     Win rates move on a grid set by the number of opponents and reflect ranks, not score gaps: a group whose images
-    are indistinguishable (all ties) gets advantages of exactly 0, and the largest possible |A| is bounded by the group
-    size (about `sqrt(3)` for a strict ranking), unlike `(r - mean) / (std + eps)` of near-equal scores.
+    are indistinguishable (all ties) gets advantages of exactly 0 where `(r - mean) / (std + eps)` of near-equal scores
+    is unit-size noise, and a strict ranking gives at most `sqrt(3 (G-1)/(G+1)) < sqrt(3)` whatever the score gaps.
     """
     mean, std = group_stats(win_rate, group_ids)
     return (win_rate - mean) / (std + WIN_RATE_STD_EPS)
