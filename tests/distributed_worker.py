@@ -10,7 +10,10 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +46,12 @@ def main() -> None:
     parser.add_argument("--grad_accum", type=int, required=True)
     parser.add_argument("--same_latent", action="store_true")
     parser.add_argument("--preference", action="store_true", help="add a Pref-GRPO preference function")
+    parser.add_argument("--max_steps", type=int, default=2)
+    parser.add_argument("--save_steps", type=int, default=0, help="0: no checkpoints")
+    parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
+    parser.add_argument("--signal_at", type=int, default=0, help="during the N-th generation batch (1-based) ...")
+    parser.add_argument("--signal_ranks", type=int, nargs="*", default=[], help="... these ranks send SIGTERM to self")
+    parser.add_argument("--marker", default=None, help="... or rank 0 writes this file and waits for a signal")
     cli = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -58,12 +67,13 @@ def main() -> None:
         num_inference_steps=4,
         sde_window="random",
         sde_window_size=2,
-        max_steps=2,
+        max_steps=cli.max_steps,
         max_sequence_length=16,
         learning_rate=1e-2,
         beta=0.04,
         same_latent=cli.same_latent,
-        save_strategy="no",
+        save_strategy="steps" if cli.save_steps else "no",
+        save_steps=cli.save_steps or 500,
         disable_tqdm=True,
         dataloader_pin_memory=False,
         seed=0,
@@ -80,7 +90,17 @@ def main() -> None:
     record = {"micro_batches": [], "windows": []}
     generate = trainer._generate_and_score
 
+    rank = trainer.accelerator.process_index
+
     def recorded(batches):
+        if len(record["windows"]) + 1 == cli.signal_at:
+            if rank in cli.signal_ranks:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if cli.marker and rank == 0:
+                Path(cli.marker).touch()  # the test signals the launcher, which forwards it to every process
+                deadline = time.monotonic() + 60
+                while trainer._stop_on_signal.received is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
         processed = generate(batches)
         record["windows"].append(list(trainer.sde_steps))
         for rows, mb in zip(batches, processed):
@@ -95,10 +115,14 @@ def main() -> None:
         return processed
 
     trainer._generate_and_score = recorded
-    trainer.train()
+    try:
+        trainer.train(resume_from_checkpoint=cli.resume)
+        record["interrupted"] = None
+    except KeyboardInterrupt as error:
+        record["interrupted"] = str(error)
+    record["global_step"] = trainer.state.global_step
     record["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record["rewards"] = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
-    rank = trainer.accelerator.process_index
     record["num_processes"] = trainer.accelerator.num_processes
     record["preference_queries"] = judge.queries
     with open(os.path.join(cli.out, f"rank{rank}.json"), "w") as f:

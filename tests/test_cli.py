@@ -136,3 +136,30 @@ def test_train_resumes_from_the_newest_checkpoint(tmp_path, capsys):
     main([*common, "--max_steps", "2", "--resume_from_checkpoint", "true"])
     out = capsys.readouterr().out
     assert "step    2/2 | reward" in out and "step    1/2" not in out  # step 1 was not trained again
+
+
+def test_ctrl_c_during_train_saves_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from trl_flow_grpo import FlowGRPOTrainer
+
+    generate, calls = FlowGRPOTrainer._generate_and_score, []
+
+    def interrupted_in_step_2(self, batches):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return generate(self, batches)
+
+    monkeypatch.setattr(FlowGRPOTrainer, "_generate_and_score", interrupted_in_step_2)
+    common = ["train", "--output_dir", str(tmp_path), "--num_generations", "2", "--per_device_train_batch_size", "2"]
+    common += ["--gradient_accumulation_steps", "1", "--num_inference_steps", "2", "--eval_num_inference_steps", "1"]
+    common += ["--logging_steps", "1", "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", "100"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--max_steps", "3"])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert f"Interrupted (SIGINT). Newest checkpoint: {tmp_path / 'checkpoint-1'}" in err
+    assert "--resume_from_checkpoint true" in err
+    assert not (tmp_path / "transformer").exists()  # the unfinished model is not saved as the result

@@ -7,9 +7,11 @@ sample the same images, so advantages, losses and the trained LoRA must match.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,17 +27,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out: Path, processes: int, grad_accum: int, *extra: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _command(out: Path, processes: int, grad_accum: int, *extra: str) -> list[str]:
     if processes == 1:
         cmd = [sys.executable, str(WORKER)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
         cmd += [f"--master_port={_free_port()}", str(WORKER)]
-    cmd += ["--out", str(out), "--grad_accum", str(grad_accum), *extra]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return cmd + ["--out", str(out), "--grad_accum", str(grad_accum), *extra]
+
+
+def _records(out: Path, processes: int) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+def _run(out: Path, processes: int, grad_accum: int, *extra: str) -> list[dict]:
+    cmd = _command(out, processes, grad_accum, *extra)
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
+    records = _records(out, processes)
     assert all(record["num_processes"] == processes for record in records)
     return records
 
@@ -123,3 +135,49 @@ def test_preferences_compare_whole_groups_across_processes_and_share_the_judging
         atol=0.0,
         rtol=0.0,
     )
+
+
+def _lora(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "pytorch_lora_weights.safetensors")
+
+
+def _assert_same_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_sigterm_to_the_launcher_saves_the_last_step_at_once_then_the_step_in_progress(runs, tmp_path):
+    """A preempted job: the launcher forwards SIGTERM to every process (and kills them 30 s later). The main process
+    writes checkpoint-2 at once; the processes finish step 3 together, save it and stop; both resume exactly."""
+    root, _, two = runs
+    out, marker = tmp_path / "killed", tmp_path / "in_step_3"
+    cmd = _command(out, 2, 2, "--max_steps", "4", "--save_steps", "100", "--signal_at", "3", "--marker", str(marker))
+    with open(tmp_path / "log.txt", "w") as log:
+        launcher = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not marker.exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), (tmp_path / "log.txt").read_text()[-4000:]
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
+    killed = _records(out, 2)
+    assert all(r["interrupted"] == "SIGTERM: stopped after step 3" and r["global_step"] == 3 for r in killed), killed
+    assert sorted(os.listdir(out / "run")) == ["checkpoint-2", "checkpoint-3"]
+    # The checkpoint written at once holds step 2 exactly (the fixture's run stopped after 2 steps).
+    _assert_same_lora(_lora(out / "run" / "checkpoint-2"), _lora(root / "two" / "final"))
+    assert killed[0]["losses"][:2] == two[0]["losses"]
+
+    resumed = _run(tmp_path / "resumed", 2, 2, "--max_steps", "3", "--resume", str(out / "run" / "checkpoint-2"))
+    assert all(r["interrupted"] is None and r["global_step"] == 3 for r in resumed)
+    _assert_same_lora(_lora(tmp_path / "resumed" / "final"), _lora(out / "run" / "checkpoint-3"))
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_step(tmp_path):
+    two = _run(tmp_path, 2, 2, "--max_steps", "4", "--save_steps", "100", "--signal_at", "3", "--signal_ranks", "1")
+    assert [r["interrupted"] for r in two] == [
+        "another process was signalled: stopped after step 3",
+        "SIGTERM: stopped after step 3",
+    ]
+    assert [r["global_step"] for r in two] == [3, 3]
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-3"]  # only the main process saves at once
+    assert (tmp_path / "run" / "checkpoint-3" / "trainer_state.json").is_file()

@@ -1,11 +1,13 @@
 """Checkpoints: exact resume (LoRA, full fine-tuning, EMA), checkpoint on interrupt, EMA maths."""
 
 import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 from test_trainer import lora_params, make_args, prompt_dataset
+from transformers import TrainerCallback
 
 from trl_flow_grpo import FlowGRPOTrainer
 from trl_flow_grpo.ema import ParameterEMA
@@ -87,46 +89,102 @@ def test_resume_with_another_lora_fails_with_a_clear_error(tmp_path):
         full.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
-def test_interrupt_saves_the_last_completed_step_and_resumes_exactly(tmp_path):
-    straight = make_trainer(tmp_path / "straight")
-    straight.train()
+@pytest.fixture(scope="module")
+def straight_four_steps(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The LoRA after 4 uninterrupted steps, for the interrupted runs to match."""
+    trainer = make_trainer(tmp_path_factory.mktemp("straight"))
+    trainer.train()
+    return trained_weights(trainer)
 
+
+def signal_at_generation(number: int, signum: int = signal.SIGINT):
+    """A reward function that sends `signum` to this process while scoring the `number`-th generation batch."""
     calls = []
 
-    def interrupted_at_third_generation(images, **kwargs):
+    def reward(images, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # what Ctrl-C or SIGTERM does in the middle of step 3
+        if len(calls) == number:
+            os.kill(os.getpid(), signum)
         return brightness(images)
 
-    killed = make_trainer(tmp_path / "killed", reward=interrupted_at_third_generation, save_steps=100)
+    return reward
+
+
+def test_ctrl_c_saves_the_last_completed_step_and_resumes_exactly(tmp_path, straight_four_steps):
+    killed = make_trainer(tmp_path, reward=signal_at_generation(3), save_steps=100)
     with pytest.raises(KeyboardInterrupt):
         killed.train()
-    checkpoint = tmp_path / "killed" / "checkpoint-2"
-    assert checkpoint.is_dir(), os.listdir(tmp_path / "killed")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]  # step 3 was in progress: it is dropped
+    assert killed.state.global_step == 2
 
-    resumed = make_trainer(tmp_path / "killed")
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert_identical(trained_weights(straight), trained_weights(resumed))
+    resumed = make_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert_identical(straight_four_steps, trained_weights(resumed))
 
 
-def test_sigterm_becomes_a_checkpoint(tmp_path):
-    import signal
+def test_sigterm_becomes_a_checkpoint_and_the_handlers_are_restored(tmp_path):
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    trainer = make_trainer(tmp_path, reward=signal_at_generation(2, signal.SIGTERM), save_steps=100)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        trainer.train()
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
+    assert {signum: signal.getsignal(signum) for signum in previous} == previous
 
-    calls = []
 
-    def terminated_at_second_generation(images, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+class SignalDuringUpdate(TrainerCallback):
+    """Sends SIGTERM between the optimizer step and the step's end (weights half-way to the next step)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
             os.kill(os.getpid(), signal.SIGTERM)
-        return brightness(images)
 
-    previous = signal.getsignal(signal.SIGTERM)
-    trainer = make_trainer(tmp_path, reward=terminated_at_second_generation, save_steps=100)
+
+def test_a_signal_during_an_update_is_acted_on_when_the_step_is_complete(tmp_path, straight_four_steps):
+    trainer = make_trainer(tmp_path, save_steps=100)
+    trainer.add_callback(SignalDuringUpdate(step=3))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    assert (tmp_path / "checkpoint-1").is_dir()
-    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is restored
+    # Saving at once would have stored step 3's weights under step 2's name; the checkpoint is of step 3, whole.
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3"]
+    resumed = make_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    assert_identical(straight_four_steps, trained_weights(resumed))
+
+
+def test_a_signal_during_a_save_lets_the_save_finish(tmp_path):
+    trainer = make_trainer(tmp_path, save_steps=2)
+    save_rng_state = trainer._save_rng_state
+
+    def interrupted(folder):
+        os.kill(os.getpid(), signal.SIGINT)  # between the optimizer state and the trainer state
+        save_rng_state(folder)
+
+    trainer._save_rng_state = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
+    assert {"trainer_state.json", "optimizer.pt", "rng_state.pth"} <= set(os.listdir(tmp_path / "checkpoint-2"))
+
+
+def test_resume_true_skips_a_checkpoint_whose_save_was_cut_off(tmp_path, caplog):
+    make_trainer(tmp_path, max_steps=2).train()
+    (tmp_path / "checkpoint-3").mkdir()  # killed while saving: no trainer_state.json
+    (tmp_path / "checkpoint-3" / "optimizer.pt").write_bytes(b"")
+    resumed = make_trainer(tmp_path, max_steps=3)
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3
+    assert "Skipping" in caplog.text and "checkpoint-3" in caplog.text
+
+
+def test_resume_true_without_a_checkpoint_says_so(tmp_path):
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(ValueError, match="no complete checkpoint-<step> folder"):
+        trainer.train(resume_from_checkpoint=True)
 
 
 def test_ema_is_used_for_export_and_checkpoints_keep_raw_weights(tmp_path):

@@ -269,7 +269,12 @@ def train(argv: list[str]) -> None:
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = True  # the newest checkpoint-<step> in output_dir
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt as interrupt:
+        if trainer.is_world_process_zero():
+            print(_interrupted(training_args.output_dir, interrupt), file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     after = evaluate() if eval_dataset is not None else None
     trainer.save_model()
     if before is not None and after is not None and trainer.is_world_process_zero():
@@ -278,6 +283,21 @@ def train(argv: list[str]) -> None:
             print(f"{key:<40}{before[key]:>8.3f}{after[key]:>8.3f}{after[key] - before[key]:>+8.3f}")
     if trainer.is_world_process_zero():
         print(f"Saved to {training_args.output_dir}/ (samples in {training_args.output_dir}/samples/)")
+
+
+def _interrupted(output_dir: str, interrupt: KeyboardInterrupt) -> str:
+    """What to do after Ctrl-C or SIGTERM: the checkpoint to resume from, or why there is none."""
+    from .interrupts import newest_complete_checkpoint
+
+    reason = str(interrupt) or "Ctrl-C"
+    try:
+        checkpoint = newest_complete_checkpoint(output_dir)
+    except ValueError:
+        return f"\nInterrupted ({reason}). No checkpoint was written: no step had completed, or save_strategy is 'no'."
+    return (
+        f"\nInterrupted ({reason}). Newest checkpoint: {checkpoint}. To go on, run the same command with "
+        "--resume_from_checkpoint true"
+    )
 
 
 # ----------------------------------------------------------------------------------------- accelerate launch

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import signal
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,6 +29,8 @@ from PIL import Image
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .advantages import (
     compute_advantages,
@@ -43,6 +44,7 @@ from .advantages import (
 from .ema import ParameterEMA
 from .flow_grpo_config import FlowGRPOConfig
 from .hub import push_checkpoint_to_hub, write_model_card
+from .interrupts import StopOnSignal, newest_complete_checkpoint
 from .pipelines import get_adapter
 from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
 from .rewards.preferences import call_preference_funcs, preference_func_name, resolve_preference_func
@@ -115,23 +117,6 @@ class _EMAUpdate(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ema.update()
-
-
-@contextlib.contextmanager
-def _sigterm_as_keyboard_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt for the duration (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"received signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _seed(*parts: int) -> int:
@@ -332,29 +317,51 @@ class FlowGRPOTrainer(Trainer):
             trained = ((name, p) for name, p in transformer.named_parameters() if p.requires_grad)
             self.ema = ParameterEMA(trained, max_decay=args.ema_decay)
             self.add_callback(_EMAUpdate(self.ema))
+        self._stop_on_signal = StopOnSignal(
+            save_now=self._save_checkpoint_now,
+            any_process=lambda flag: bool(self.accelerator.gather(torch.tensor([flag], device=device)).any()),
+            num_processes=self.accelerator.num_processes,
+        )
+        self.add_callback(self._stop_on_signal)  # after the EMA update: its step end comes first
 
     # -------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs) -> Any:
-        """[`~transformers.Trainer.train`], plus: on Ctrl-C or SIGTERM (e.g. a preempted job), a checkpoint of the last
-        completed optimizer step is written before the exception propagates, so that a killed run loses at most the
-        step in progress (single process; with several processes rely on `save_steps`)."""
-        try:
-            with _sigterm_as_keyboard_interrupt():
-                return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-        except KeyboardInterrupt:
-            self._checkpoint_on_interrupt()
-            raise
+        """[`~transformers.Trainer.train`], plus: on Ctrl-C or SIGTERM (e.g. a preempted job) a checkpoint of the last
+        completed optimizer step is written at once, so that a killed run loses at most the step in progress; then
+        `KeyboardInterrupt` is raised (see `trl_flow_grpo.interrupts.StopOnSignal`; with several processes the step in
+        progress is finished and saved first). `resume_from_checkpoint=True` picks the newest complete checkpoint in
+        `output_dir` (one with `trainer_state.json`, which is written last)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+        with self._stop_on_signal.installed():
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self._stop_on_signal.stopped_at is not None:
+            received = self._stop_on_signal.received
+            cause = signal.Signals(received).name if received is not None else "another process was signalled"
+            raise KeyboardInterrupt(f"{cause}: stopped after step {self._stop_on_signal.stopped_at}")
+        return output
 
-    def _checkpoint_on_interrupt(self) -> None:
+    def _save_checkpoint_now(self) -> None:
+        """Write `checkpoint-<global_step>` from this process without collective operations (the other processes
+        may be anywhere in their step): the main process writes the weights, optimizer, scheduler, EMA, its RNG state
+        and `trainer_state.json` (last, marking the checkpoint complete); the others write nothing."""
         step = self.state.global_step
-        if self.args.save_strategy == "no" or step == 0 or self.accelerator.num_processes > 1:
+        if self.args.save_strategy == "no" or step == 0 or not self.args.should_save:
             return
-        folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-        if os.path.isdir(folder):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return  # their saves gather shards from every process: the step's end saves instead
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
             return
         logger.warning("Interrupted during step %d: saving the state after step %d to %s.", step + 1, step, folder)
-        self.model.zero_grad(set_to_none=True)  # the gradients of the interrupted step are not part of the state
-        self._save_checkpoint(self.model, trial=None)
+        self._save(folder)
+        self._save_optimizer_and_scheduler(folder)
+        self._save_rng_state(folder)
+        self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        with self._stop_on_signal.deferred():  # a signal during the save waits for it to finish
+            super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler:
@@ -778,7 +785,11 @@ class FlowGRPOTrainer(Trainer):
     # ---------------------------------------------------------------- saving
     def _averaged_weights(self):
         """Context in which the trained parameters hold their EMA (a no-op without `ema_decay`)."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._stop_on_signal.deferred())  # the model holds other weights than the step's
+        if self.ema is not None:
+            stack.enter_context(self.ema.applied())
+        return stack
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the trained weights (the EMA weights when `ema_decay` is set) in diffusers format.
@@ -808,7 +819,7 @@ class FlowGRPOTrainer(Trainer):
             )
         from safetensors.torch import load_file
 
-        self.ema.load_state_dict(load_file(path, device=str(self.accelerator.device)))
+        self.ema.load_state_dict(load_file(path))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Load the weights `_save` wrote: diffusers' LoRA file, or the full transformer in `transformer/`."""
@@ -819,10 +830,7 @@ class FlowGRPOTrainer(Trainer):
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            state = {
-                key.removeprefix("transformer."): value
-                for key, value in load_file(lora_file, device=str(self.accelerator.device)).items()
-            }
+            state = {key.removeprefix("transformer."): value for key, value in load_file(lora_file).items()}
             result = set_peft_model_state_dict(transformer, state, adapter_name="default")
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(
@@ -835,7 +843,7 @@ class FlowGRPOTrainer(Trainer):
             files = sorted(f for f in os.listdir(full_dir) if f.endswith(".safetensors"))
             state = {}
             for name in files:
-                state.update(load_file(os.path.join(full_dir, name), device=str(self.accelerator.device)))
+                state.update(load_file(os.path.join(full_dir, name)))
             transformer.load_state_dict(state)
         else:
             expected = LORA_WEIGHTS_NAME if self.is_lora else "transformer/"
