@@ -275,6 +275,25 @@ def test_intermediate_pushes_upload_the_lora_and_the_card(tmp_path, hub, strateg
     assert load_file(model_pushes[-1].snapshot / LORA)
 
 
+def test_intermediate_pushes_upload_the_ema_weights_and_checkpoints_keep_the_raw_ones(tmp_path, hub):
+    trainer = make_trainer(
+        tmp_path, save_strategy="steps", save_steps=2, hub_strategy="checkpoint", ema_decay=0.5, learning_rate=1e-2
+    )
+    trainer.train()
+    model_push, checkpoint_push = hub.uploads[-2:]
+    assert (model_push.path_in_repo, checkpoint_push.path_in_repo) == (None, "last-checkpoint")
+    transformer = trainer.accelerator.unwrap_model(trainer.model)
+    with trainer._averaged_weights():
+        averaged = get_peft_model_state_dict(transformer)
+        averaged = {f"transformer.{key}": value.clone() for key, value in averaged.items()}
+    raw = load_file(checkpoint_push.snapshot / LORA)
+    pushed = load_file(model_push.snapshot / LORA)
+    assert pushed.keys() == averaged.keys() == raw.keys()
+    for key in averaged:
+        torch.testing.assert_close(pushed[key], averaged[key], rtol=0, atol=0)
+    assert any(not torch.equal(raw[key], pushed[key]) for key in raw), "pushed the raw weights"
+
+
 def test_hub_token_is_used_but_never_written_or_logged(tmp_path, hub, caplog, capsys):
     args_token, call_token = "hf_argsSECRETargsSECRET", "hf_callSECRETcallSECRET"
     caplog.set_level(logging.DEBUG)

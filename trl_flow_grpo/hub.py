@@ -614,8 +614,9 @@ def push_checkpoint_to_hub(trainer: Any, checkpoint_folder: str) -> None:
     a push while the previous one runs unless `hub_always_push`; asynchronous uploads tracked in
     `trainer.push_in_progress`; `"checkpoint"` also uploads the checkpoint to `last-checkpoint/`, `"all_checkpoints"`
     to `checkpoint-<step>/`), with three differences: it copies `pytorch_lora_weights.safetensors` or the
-    `transformer/` folder into `output_dir` (transformers copies a fixed list of `transformers` file names), it
-    refreshes `README.md` with the trainer's model card, and the `training_args.bin` it writes has no Hub token.
+    `transformer/` folder into `output_dir` (transformers copies a fixed list of `transformers` file names; with
+    `ema_decay` the EMA weights are saved there instead, the checkpoint keeping the raw ones), it refreshes
+    `README.md` with the trainer's model card, and the `training_args.bin` it writes has no Hub token.
     """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
     from transformers.utils.hub import PushInProgress
@@ -630,13 +631,18 @@ def push_checkpoint_to_hub(trainer: Any, checkpoint_folder: str) -> None:
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
     output_dir = args.output_dir
     os.makedirs(output_dir, exist_ok=True)
-    # The weights were just saved in the checkpoint: copy them rather than saving the model again.
-    source = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
-    if os.path.isfile(source):
-        shutil.copyfile(source, os.path.join(output_dir, LORA_WEIGHTS_NAME))
-    source = os.path.join(checkpoint_folder, TRANSFORMER_FOLDER)
-    if os.path.isdir(source):
-        shutil.copytree(source, os.path.join(output_dir, TRANSFORMER_FOLDER), dirs_exist_ok=True)
+    if getattr(trainer, "ema", None) is not None:
+        # The checkpoint holds the raw weights (to resume); people download the average, as from the final push.
+        with trainer._averaged_weights():
+            trainer._save(output_dir)
+    else:
+        # The weights were just saved in the checkpoint: copy them rather than saving the model again.
+        source = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
+        if os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(output_dir, LORA_WEIGHTS_NAME))
+        source = os.path.join(checkpoint_folder, TRANSFORMER_FOLDER)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(output_dir, TRANSFORMER_FOLDER), dirs_exist_ok=True)
     import torch
 
     torch.save(redacted_args(args), os.path.join(output_dir, TRAINING_ARGS_NAME))
