@@ -156,6 +156,14 @@ def test_push_to_hub_uploads_loadable_lora_card_and_samples(tmp_path, hub):
     assert upload.commit_message == "End of training"
     assert {LORA, "README.md", "samples.png"} <= set(upload.files)
     assert not any(name.startswith("checkpoint-") for name in upload.files)
+    # The evaluation grids go up; the training grids (one per logging step: gigabytes over a long run) do not.
+    samples = Path(trainer.args.output_dir, "samples")
+    assert list(samples.glob("train_step*.png"))
+    assert (
+        {name for name in upload.files if name.startswith("samples/")}
+        == {f"samples/{path.name}" for path in samples.glob("eval_step*.png")}
+        != set()
+    )
 
     # The uploaded LoRA loads in plain diffusers and holds the trained weights.
     trained = get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model))

@@ -43,7 +43,7 @@ from .advantages import (
 )
 from .ema import ParameterEMA
 from .flow_grpo_config import FlowGRPOConfig
-from .hub import push_checkpoint_to_hub, write_model_card
+from .hub import push_checkpoint_to_hub, push_model_to_hub, write_model_card
 from .interrupts import StopOnSignal, newest_complete_checkpoint
 from .pipelines import get_adapter
 from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
@@ -919,8 +919,9 @@ class FlowGRPOTrainer(Trainer):
 
         The repo then holds `pytorch_lora_weights.safetensors` (a LoRA, loadable with
         `pipe.load_lora_weights(repo_id)`) or `transformer/` (full fine-tuning), the EMA weights when `ema_decay` is
-        set, with `README.md`, `samples.png` and the logged sample grids under `samples/`; checkpoints
-        (`checkpoint-*`) and files starting with `_` are not uploaded. The repo is created if needed.
+        set, with `README.md`, `samples.png` (the newest sample grid) and the evaluation grids under `samples/`;
+        checkpoints (`checkpoint-*`), the training sample grids and files starting with `_` are not uploaded. The
+        repo is created if needed.
 
         Args:
             commit_message (`str`, *optional*, defaults to `"End of training"`):
@@ -940,18 +941,7 @@ class FlowGRPOTrainer(Trainer):
         Returns:
             The `CommitInfo` of the upload (a `Future` of it when `blocking=False`); `None` on other processes.
         """
-        # transformers' implementation saves through `_save` (diffusers' LoRA format) with `_internal_call=True`,
-        # calls our `create_model_card` and uploads output_dir with its own ignore patterns. The EMA weights (when
-        # `ema_decay` is set) are applied around it, as `save_model()` does for a user's call.
-        with self._averaged_weights():
-            return super().push_to_hub(
-                commit_message=commit_message,
-                blocking=blocking,
-                token=token,
-                revision=revision,
-                private=private,
-                **kwargs,
-            )
+        return push_model_to_hub(self, commit_message, blocking, token, revision, private, **kwargs)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Intermediate push (`push_to_hub=True`): the LoRA or transformer, the model card, and per `hub_strategy` the

@@ -32,6 +32,9 @@ TRANSFORMER_FOLDER = "transformer"
 SAMPLES_NAME = "samples.png"
 """Name of the sample grid next to `README.md`."""
 TRAINING_ARGS_NAME = "training_args.bin"
+UPLOAD_IGNORE_PATTERNS = ["_*", "checkpoint-*", "samples/train_*"]
+"""Not uploaded from `output_dir`: private files, checkpoints (uploaded separately per `hub_strategy`) and the training
+sample grids (one per logging step: gigabytes over a long run; `samples.png` and the evaluation grids are uploaded)."""
 
 
 @dataclass(frozen=True)
@@ -607,6 +610,40 @@ def redacted_args(args: Any) -> Any:
     return safe
 
 
+def push_model_to_hub(
+    trainer: Any,
+    commit_message: str | None,
+    blocking: bool,
+    token: str | None,
+    revision: str | None,
+    private: bool | None,
+    **card_kwargs: Any,
+) -> Any:
+    """The trainer's `push_to_hub`: `transformers.Trainer.push_to_hub` (save on every process, card and upload from the
+    main process, after any intermediate upload finishes) with the EMA weights applied while saving and
+    `UPLOAD_IGNORE_PATTERNS`."""
+    args = trainer.args
+    trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
+    token = token if token is not None else args.hub_token
+    if trainer.hub_model_id is None:
+        trainer.init_hf_repo(token=token, private=private)
+    with trainer._averaged_weights():
+        trainer.save_model(_internal_call=True)
+    if not trainer.is_world_process_zero():
+        return None
+    trainer.create_model_card(**card_kwargs)
+    trainer._finish_current_push()
+    return _hf_api().upload_folder(
+        repo_id=trainer.hub_model_id,
+        folder_path=args.output_dir,
+        commit_message=commit_message,
+        token=token,
+        run_as_future=not blocking,
+        ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+        revision=revision if revision is not None else args.hub_revision,
+    )
+
+
 def push_checkpoint_to_hub(trainer: Any, checkpoint_folder: str) -> None:
     """Push the model files of `checkpoint_folder` (and the checkpoint itself, per `hub_strategy`) to the Hub.
 
@@ -618,7 +655,7 @@ def push_checkpoint_to_hub(trainer: Any, checkpoint_folder: str) -> None:
     `ema_decay` the EMA weights are saved there instead, the checkpoint keeping the raw ones), it refreshes
     `README.md` with the trainer's model card, and the `training_args.bin` it writes has no Hub token.
     """
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
+    from transformers.trainer_utils import HubStrategy, SaveStrategy
     from transformers.utils.hub import PushInProgress
 
     args = trainer.args
@@ -660,7 +697,7 @@ def push_checkpoint_to_hub(trainer: Any, checkpoint_folder: str) -> None:
             commit_message=commit_message,
             token=args.hub_token,
             run_as_future=True,
-            ignore_patterns=["_*", f"{PREFIX_CHECKPOINT_DIR}-*"],
+            ignore_patterns=UPLOAD_IGNORE_PATTERNS,
             revision=args.hub_revision,
         )
     ]
