@@ -92,13 +92,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=64, help="Image height and width.")
     parser.add_argument(
         "--transformer",
-        choices=["tiny", "small"],
+        choices=["tiny", "small", "sd35m"],
         default="small",
-        help="Without --model: the tiny pipeline's 2-layer transformer, or a 4-layer one 16x wider, so that the "
-        "transformer dominates the cost as in real models.",
+        help="Without --model: the tiny pipeline's 2-layer transformer; a 4-layer one 16x wider, so that the "
+        "transformer dominates the cost as in real models; or `sd35m`, a pipeline the size of SD3.5-Medium with "
+        "random weights (see `sd35_medium_sized_pipeline`), for GPU figures without downloading weights.",
     )
+    parser.add_argument("--num-layers", type=int, default=None, help="With --transformer sd35m: fewer layers (tests).")
     parser.add_argument("--cfg", action="store_true", help="Classifier-free guidance in rollouts and training.")
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (MixGRPO uses 0).")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations in backward.")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
     parser.add_argument(
@@ -128,6 +131,8 @@ def build_pipeline(args: argparse.Namespace, device: str):
 
     from trl_flow_grpo.testing import make_tiny_sd3_pipeline
 
+    if args.transformer == "sd35m":
+        return sd35_medium_sized_pipeline(args.resolution, device, num_layers=args.num_layers or 24)
     pipe = make_tiny_sd3_pipeline(seed=0, sample_size=args.resolution)
     if args.transformer == "small":
         tiny = pipe.transformer.config
@@ -149,6 +154,111 @@ def build_pipeline(args: argparse.Namespace, device: str):
             ).eval()
         pipe.register_modules(transformer=transformer)
     return pipe
+
+
+def sd35_medium_sized_pipeline(resolution: int, device: str, num_layers: int = 24):
+    """A `StableDiffusion3Pipeline` with SD3.5-Medium's transformer and VAE architectures and random weights (bf16 on a
+    GPU), so that GPU time and memory can be measured offline.
+
+    Transformer: SD3.5-Medium's config (MMDiT-X, 24 layers of 24 heads x 64, dual attention in layers 0-12, RMS
+    q/k norm, 4096-wide text input, 2048-wide pooled input; 2.24B parameters). VAE: SD3's (16 latent channels,
+    blocks 128-256-512-512). Text encoders: the widths SD3.5 feeds the transformer (CLIP-L 768 and CLIP-G 1280,
+    pooled 768 + 1280; T5 with d_model 4096, so the text sequence is 77 + `max_sequence_length` tokens as with
+    T5-XXL) but 1 or 2 layers and a small vocabulary: their cost is left out (the real ones run once per prompt
+    batch; in bf16 they hold about 11 GB: CLIP-L 0.25, CLIP-G 1.4, T5-XXL 9.5).
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from trl_flow_grpo.testing import make_tiny_clip_tokenizer, make_tiny_t5_tokenizer
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    tokenizer, tokenizer_2 = make_tiny_clip_tokenizer(), make_tiny_clip_tokenizer()
+    tokenizer_3 = make_tiny_t5_tokenizer()
+
+    def clip(tok, width: int) -> CLIPTextModelWithProjection:
+        config = CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=width,
+            intermediate_size=4 * width,
+            projection_dim=width,
+            num_hidden_layers=2,  # SD3 reads hidden_states[-2]
+            num_attention_heads=width // 64,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        return CLIPTextModelWithProjection(config)
+
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(0)
+        transformer = SD3Transformer2DModel(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=num_layers,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(min(13, num_layers))),
+            qk_norm="rms_norm",
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            norm_num_groups=32,
+            sample_size=resolution,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_3),
+                d_model=4096,
+                d_kv=64,
+                d_ff=256,
+                num_layers=1,
+                num_heads=8,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=tokenizer_3.pad_token_id,
+                eos_token_id=tokenizer_3.eos_token_id,
+                decoder_start_token_id=tokenizer_3.pad_token_id,
+            )
+        )
+        encoders = (clip(tokenizer, 768), clip(tokenizer_2, 1280), t5)
+    for model in (transformer, vae, *encoders):
+        torch.nn.Module.to(model, dtype=dtype)
+        model.eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=encoders[2],
+        tokenizer_3=tokenizer_3,
+    )
 
 
 def method_config(args: argparse.Namespace, method: str, output_dir: str, device: str):
@@ -179,8 +289,9 @@ def method_config(args: argparse.Namespace, method: str, output_dir: str, device
         height=args.resolution,
         width=args.resolution,
         max_steps=args.iterations + 1,
-        max_sequence_length=16 if args.model is None else 256,
+        max_sequence_length=256 if args.model is not None or args.transformer == "sd35m" else 16,
         train_cfg=args.cfg,
+        gradient_checkpointing=args.gradient_checkpointing,
         beta=args.beta,
         same_latent=True,
         learning_rate=1e-4,
@@ -340,7 +451,8 @@ def format_table(args: argparse.Namespace, results: list[Result]) -> str:
     base = next((r for r in results if r.method == "flow_grpo"), results[0])
     lines = [
         f"T={args.steps}, G={args.num_generations}, {args.batch_size * args.accumulation} images/iteration, "
-        f"{args.resolution}px, cfg={args.cfg}, beta={args.beta}, device={results[0].device}, "
+        f"{args.resolution}px, cfg={args.cfg}, beta={args.beta}, "
+        f"gradient_checkpointing={args.gradient_checkpointing}, device={results[0].device}, "
         f"memory={results[0].memory_kind}. Ratios are to {base.label} in this run.",
         "",
         "| method | window | rollout fwd/it | train fwd/it | time/it (s) | rollout s | train s | CPU s/it | peak MiB |"
