@@ -173,7 +173,7 @@ def test_push_to_hub_uploads_loadable_lora_card_and_samples(tmp_path, hub):
     assert loaded.keys() == trained.keys()
     assert any(("lora_B" in k) and v.abs().sum() > 0 for k, v in loaded.items()), "the LoRA was not trained"
     for key in trained:
-        torch.testing.assert_close(loaded[key], trained[key].to(loaded[key].dtype))
+        torch.testing.assert_close(loaded[key], trained[key].to("cpu", loaded[key].dtype))
 
     # The sample grid is the newest one (evaluation at the last step wins over the training grid of that step).
     newest = Path(trainer.args.output_dir, "samples", f"eval_step{trainer.state.global_step:06d}.png")
@@ -236,9 +236,9 @@ def test_push_to_hub_uploads_the_ema_weights(tmp_path, hub):
     trainer = make_trainer(tmp_path, ema_decay=0.5, learning_rate=1e-2)
     trainer.train()
     transformer = trainer.accelerator.unwrap_model(trainer.model)
-    raw = {key: value.clone() for key, value in get_peft_model_state_dict(transformer).items()}
+    raw = {key: value.cpu().clone() for key, value in get_peft_model_state_dict(transformer).items()}
     with trainer._averaged_weights():
-        averaged = {key: value.clone() for key, value in get_peft_model_state_dict(transformer).items()}
+        averaged = {key: value.cpu().clone() for key, value in get_peft_model_state_dict(transformer).items()}
 
     trainer.push_to_hub()
 
@@ -250,7 +250,7 @@ def test_push_to_hub_uploads_the_ema_weights(tmp_path, hub):
     assert any(not torch.equal(raw[key], averaged[key]) for key in raw), "EMA equals the raw weights"
     # The raw weights are back in the model after the push.
     for key, value in get_peft_model_state_dict(transformer).items():
-        assert torch.equal(value, raw[key])
+        assert torch.equal(value.cpu(), raw[key])
 
 
 @pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "all_checkpoints"])
@@ -293,7 +293,7 @@ def test_intermediate_pushes_upload_the_ema_weights_and_checkpoints_keep_the_raw
     transformer = trainer.accelerator.unwrap_model(trainer.model)
     with trainer._averaged_weights():
         averaged = get_peft_model_state_dict(transformer)
-        averaged = {f"transformer.{key}": value.clone() for key, value in averaged.items()}
+        averaged = {f"transformer.{key}": value.cpu().clone() for key, value in averaged.items()}
     raw = load_file(checkpoint_push.snapshot / LORA)
     pushed = load_file(model_push.snapshot / LORA)
     assert pushed.keys() == averaged.keys() == raw.keys()

@@ -49,17 +49,17 @@ def prompt_dataset(**extra_columns) -> Dataset:
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+    return {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
 
 
 def lora_params(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in transformer.named_parameters() if "lora_" in name}
+    return {name: p.detach().cpu().clone() for name, p in transformer.named_parameters() if "lora_" in name}
 
 
 def assert_same_state(module: torch.nn.Module, before: dict[str, torch.Tensor], name: str = "") -> None:
     after = module.state_dict()
     assert after.keys() == before.keys(), name
-    changed = [key for key in before if not torch.equal(before[key], after[key])]
+    changed = [key for key in before if not torch.equal(before[key], after[key].cpu())]
     assert not changed, f"{name}: {changed[:5]} changed"
 
 
@@ -148,7 +148,7 @@ def test_lora_training_updates_only_the_adapter_and_logs_metrics(tmp_path):
     for key, value in base_before.items():
         peft_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         current = after[key] if key in after else after[peft_key]
-        assert torch.equal(value, current), key
+        assert torch.equal(value, current.cpu()), key
     for name in FROZEN:
         module = getattr(pipe, name)
         assert_same_state(module, frozen_before[name], name)
@@ -253,6 +253,7 @@ def test_saved_lora_reproduces_trainer_samples_in_plain_diffusers(tmp_path):
     trainer.train()
     trainer.save_model()
     assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
+    pipe.to("cpu")  # compare on the CPU (training may have run on a GPU)
 
     loaded = make_tiny_sd3_pipeline(seed=0)
     loaded.load_lora_weights(str(tmp_path))
@@ -306,7 +307,7 @@ def test_full_fine_tuning_trains_saves_and_keeps_reference_frozen(tmp_path):
     trainer.train()
 
     after = pipe.transformer.state_dict()
-    changed = [key for key in initial if not torch.equal(initial[key], after[key])]
+    changed = [key for key in initial if not torch.equal(initial[key], after[key].cpu())]
     assert len(changed) > len(initial) // 2, f"only {len(changed)} of {len(initial)} tensors changed"
     assert_same_state(trainer.ref_transformer, initial, "ref_transformer")
     assert not any(p.requires_grad for p in trainer.ref_transformer.parameters())
