@@ -131,6 +131,24 @@ def test_sigterm_becomes_a_checkpoint_and_the_handlers_are_restored(tmp_path):
     assert {signum: signal.getsignal(signum) for signum in previous} == previous
 
 
+def test_an_error_in_a_step_saves_the_last_completed_step_and_resumes_exactly(tmp_path, straight_four_steps):
+    calls = []
+
+    def failing_at_third_generation(images, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ConnectionError("reward server unreachable")
+        return brightness(images)
+
+    crashed = make_trainer(tmp_path, reward=failing_at_third_generation, save_steps=100)
+    with pytest.raises(ConnectionError, match="reward server unreachable"):  # the error itself reaches the caller
+        crashed.train()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]
+    resumed = make_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    assert_identical(straight_four_steps, trained_weights(resumed))
+
+
 class SignalDuringUpdate(TrainerCallback):
     """Sends SIGTERM between the optimizer step and the step's end (weights half-way to the next step)."""
 
@@ -153,6 +171,21 @@ def test_a_signal_during_an_update_is_acted_on_when_the_step_is_complete(tmp_pat
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 4
     assert_identical(straight_four_steps, trained_weights(resumed))
+
+
+class FailDuringUpdate(TrainerCallback):
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+
+def test_an_error_during_an_update_saves_nothing(tmp_path):
+    """The weights are half-way between two steps: saving them under either step's name would be wrong."""
+    trainer = make_trainer(tmp_path, save_steps=100)
+    trainer.add_callback(FailDuringUpdate())
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_signal_during_a_save_lets_the_save_finish(tmp_path):

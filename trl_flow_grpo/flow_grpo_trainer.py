@@ -329,12 +329,22 @@ class FlowGRPOTrainer(Trainer):
         """[`~transformers.Trainer.train`], plus: on Ctrl-C or SIGTERM (e.g. a preempted job) a checkpoint of the last
         completed optimizer step is written at once, so that a killed run loses at most the step in progress; then
         `KeyboardInterrupt` is raised (see `trl_flow_grpo.interrupts.StopOnSignal`; with several processes the step in
-        progress is finished and saved first). `resume_from_checkpoint=True` picks the newest complete checkpoint in
-        `output_dir` (one with `trainer_state.json`, which is written last)."""
+        progress is finished and saved first). An exception that ends training (a reward function failing, out of
+        memory) also saves the last completed step first, on the process that raised it, unless it came during an
+        optimizer update. `resume_from_checkpoint=True` picks the newest complete checkpoint in `output_dir` (one with
+        `trainer_state.json`, which is written last)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
         with self._stop_on_signal.installed():
-            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+            try:
+                output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+            except Exception:
+                if self._stop_on_signal.between_updates:
+                    try:
+                        self._save_checkpoint_now()
+                    except Exception as error:  # keep the original error
+                        logger.error("Could not save the last completed step: %s: %s", type(error).__name__, error)
+                raise
         if self._stop_on_signal.stopped_at is not None:
             received = self._stop_on_signal.received
             cause = signal.Signals(received).name if received is not None else "another process was signalled"
@@ -353,7 +363,7 @@ class FlowGRPOTrainer(Trainer):
         folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
         if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
             return
-        logger.warning("Interrupted during step %d: saving the state after step %d to %s.", step + 1, step, folder)
+        logger.warning("Stopped during step %d: saving the state after step %d to %s.", step + 1, step, folder)
         self._save(folder)
         self._save_optimizer_and_scheduler(folder)
         self._save_rng_state(folder)

@@ -87,6 +87,11 @@ class StopOnSignal(TrainerCallback):
             self.busy -= 1
         self._release()
 
+    @property
+    def between_updates(self) -> bool:
+        """Training is under way and the model holds exactly the weights of the last completed step."""
+        return self.active and self.busy == 0
+
     # ------------------------------------------------------------- handling
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
