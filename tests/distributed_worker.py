@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--same_latent", action="store_true")
     parser.add_argument("--preference", action="store_true", help="add a Pref-GRPO preference function")
     parser.add_argument("--max_steps", type=int, default=2)
+    parser.add_argument("--num_iterations", type=int, default=1)
     parser.add_argument("--save_steps", type=int, default=0, help="0: no checkpoints")
     parser.add_argument("--resume", default=None, help="a checkpoint folder to resume from")
     parser.add_argument("--signal_at", type=int, default=0, help="during the N-th generation batch (1-based) ...")
@@ -68,6 +69,7 @@ def main() -> None:
         sde_window="random",
         sde_window_size=2,
         max_steps=cli.max_steps,
+        num_iterations=cli.num_iterations,
         max_sequence_length=16,
         learning_rate=1e-2,
         beta=0.04,

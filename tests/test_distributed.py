@@ -181,3 +181,14 @@ def test_a_signal_to_one_process_stops_every_process_after_the_step(tmp_path):
     assert [r["global_step"] for r in two] == [3, 3]
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-3"]  # only the main process saves at once
     assert (tmp_path / "run" / "checkpoint-3" / "trainer_state.json").is_file()
+
+
+def test_resume_between_iterations_uses_each_process_rollouts(tmp_path):
+    """num_iterations=2 on 2 processes: checkpoint-3 falls between the two steps on generation 2's samples; each
+    process saved its own share of them, and resuming there ends where the uninterrupted run did."""
+    common = ["--num_iterations", "2", "--max_steps", "4"]
+    _run(tmp_path / "straight", 2, 2, *common, "--save_steps", "3")
+    checkpoint = tmp_path / "straight" / "run" / "checkpoint-3"
+    assert {"rollout_buffer_0.safetensors", "rollout_buffer_1.safetensors"} <= set(os.listdir(checkpoint))
+    _run(tmp_path / "resumed", 2, 2, *common, "--resume", str(checkpoint))
+    _assert_same_lora(_lora(tmp_path / "resumed" / "final"), _lora(tmp_path / "straight" / "final"))

@@ -71,6 +71,19 @@ def test_two_steps_resume_two_steps_equals_four_straight(tmp_path, lora):
     assert straight_rewards == resumed_rewards and len(resumed_rewards) == 2
 
 
+def test_resume_between_iterations_trains_on_the_saved_rollouts(tmp_path):
+    """num_iterations=2: step 3 is the first of two steps on generation 2's samples; checkpoint-3 keeps them, so the
+    resumed step 4 trains on exactly what the uninterrupted run's step 4 did (new samples would give other weights)."""
+    straight = make_trainer(tmp_path / "straight", num_iterations=2)
+    straight.train()
+    make_trainer(tmp_path / "split", num_iterations=2, max_steps=3, save_steps=1).train()
+    assert not (tmp_path / "split" / "checkpoint-2" / "rollout_buffer_0.safetensors").exists()  # nothing left over
+    assert (tmp_path / "split" / "checkpoint-3" / "rollout_buffer_0.safetensors").is_file()
+    resumed = make_trainer(tmp_path / "split", num_iterations=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-3"))
+    assert_identical(trained_weights(straight), trained_weights(resumed))
+
+
 def test_resume_restores_the_ema(tmp_path):
     straight = make_trainer(tmp_path / "straight", ema_decay=0.5)
     straight.train()

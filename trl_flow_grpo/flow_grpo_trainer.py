@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name: `load_lora_weights(dir)` finds it
 EMA_WEIGHTS_NAME = "ema.safetensors"
+ROLLOUT_BUFFER_NAME = "rollout_buffer_{rank}.safetensors"
 
 PAPER_CITATION = """\
 @article{liu2025flowgrpo,
@@ -109,14 +110,43 @@ class GroupSampler(Sampler[int]):
         return (self.num_rows - self.num_rows % self.prompts_per_batch) * self.num_generations * self.repeat
 
 
-class _EMAUpdate(TrainerCallback):
-    """Updates the EMA of the trained weights after every optimizer step."""
+class _OnStepEnd(TrainerCallback):
+    """Calls `function()` after every optimizer step."""
 
-    def __init__(self, ema: ParameterEMA):
-        self.ema = ema
+    def __init__(self, function: Callable[[], None]):
+        self.function = function
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.ema.update()
+        self.function()
+
+
+def _flatten_buffer(buffer: list[dict]) -> dict[str, torch.Tensor]:
+    """The rollout buffer (micro-batches of tensors, a `cond` dict of tensors, a list of step indices) as flat tensors
+    for safetensors (cloned: the trajectory tensors may be views of one another)."""
+    flat = {}
+    for i, micro_batch in enumerate(buffer):
+        for key, value in micro_batch.items():
+            if key == "cond":
+                flat.update({f"{i}.cond.{name}": tensor.detach().clone() for name, tensor in value.items()})
+            elif key == "step_indices":
+                flat[f"{i}.{key}"] = torch.tensor(value, dtype=torch.int64)
+            else:
+                flat[f"{i}.{key}"] = value.detach().clone()
+    return flat
+
+
+def _unflatten_buffer(flat: dict[str, torch.Tensor], device: torch.device) -> list[dict]:
+    micro_batches: dict[int, dict] = defaultdict(lambda: {"cond": {}})
+    for key, tensor in flat.items():
+        index, _, name = key.partition(".")
+        micro_batch = micro_batches[int(index)]
+        if name.startswith("cond."):
+            micro_batch["cond"][name.removeprefix("cond.")] = tensor.to(device)
+        elif name == "step_indices":
+            micro_batch[name] = tensor.tolist()
+        else:
+            micro_batch[name] = tensor.to(device)
+    return [micro_batches[i] for i in sorted(micro_batches)]
 
 
 def _seed(*parts: int) -> int:
@@ -316,13 +346,15 @@ class FlowGRPOTrainer(Trainer):
         if args.ema_decay is not None:
             trained = ((name, p) for name, p in transformer.named_parameters() if p.requires_grad)
             self.ema = ParameterEMA(trained, max_decay=args.ema_decay)
-            self.add_callback(_EMAUpdate(self.ema))
+            self.add_callback(_OnStepEnd(self.ema.update))
+        self._buffer_after_step: tuple[list[dict] | None, int] = (None, 0)  # for checkpoints written mid-step
+        self.add_callback(_OnStepEnd(self._mark_buffer))
         self._stop_on_signal = StopOnSignal(
             save_now=self._save_checkpoint_now,
             any_process=lambda flag: bool(self.accelerator.gather(torch.tensor([flag], device=device)).any()),
             num_processes=self.accelerator.num_processes,
         )
-        self.add_callback(self._stop_on_signal)  # after the EMA update: its step end comes first
+        self.add_callback(self._stop_on_signal)  # after the EMA update and the buffer mark: their step ends come first
 
     # -------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs) -> Any:
@@ -353,14 +385,18 @@ class FlowGRPOTrainer(Trainer):
 
     def _save_checkpoint_now(self) -> None:
         """Write `checkpoint-<global_step>` from this process without collective operations (the other processes
-        may be anywhere in their step): the main process writes the weights, optimizer, scheduler, EMA, its RNG state
-        and `trainer_state.json` (last, marking the checkpoint complete); the others write nothing."""
+        may be anywhere in their step): the main process writes the weights, optimizer, scheduler, EMA, rollout buffer,
+        its RNG state and `trainer_state.json` (last, marking the checkpoint complete); the others write their rollout
+        buffer (`num_iterations > 1`, between the iterations of a generation batch)."""
         step = self.state.global_step
-        if self.args.save_strategy == "no" or step == 0 or not self.args.should_save:
+        if self.args.save_strategy == "no" or step == 0:
             return
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return  # their saves gather shards from every process: the step's end saves instead
         folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        if not self.args.should_save:
+            self._save_rollout_buffer(folder)  # the only per-process state that resuming needs
+            return
         if os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME)):
             return
         logger.warning("Stopped during step %d: saving the state after step %d to %s.", step + 1, step, folder)
@@ -816,10 +852,14 @@ class FlowGRPOTrainer(Trainer):
             from safetensors.torch import save_file
 
             save_file(self.ema.state_dict(), os.path.join(output_dir, EMA_WEIGHTS_NAME))
+        self._save_rollout_buffer(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.ema is None:
+        if checkpoint is None:
+            return
+        self._load_rollout_buffer(checkpoint)
+        if self.ema is None:
             return
         path = os.path.join(checkpoint, EMA_WEIGHTS_NAME)
         if not os.path.isfile(path):
@@ -830,6 +870,37 @@ class FlowGRPOTrainer(Trainer):
         from safetensors.torch import load_file
 
         self.ema.load_state_dict(load_file(path))
+
+    # With num_iterations > 1, a checkpoint written between the iterations of one generation batch holds the rollouts
+    # still to be trained on (each process its own), so that resuming trains on the same samples as the uninterrupted
+    # run instead of sampling new ones with the newer policy.
+    def _mark_buffer(self) -> None:
+        self._buffer_after_step = (self._buffer, self._steps_on_buffer)
+
+    def _save_rollout_buffer(self, folder: str) -> None:
+        buffer, used = self._buffer_after_step
+        if buffer is None or used % self.args.num_iterations == 0:
+            return
+        from safetensors.torch import save_file
+
+        name = ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index)
+        os.makedirs(folder, exist_ok=True)
+        save_file(_flatten_buffer(buffer), os.path.join(folder, name), metadata={"steps_on_buffer": str(used)})
+
+    def _load_rollout_buffer(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index))
+        found = os.path.isfile(path)
+        if self.accelerator.num_processes > 1:  # all processes use their buffer, or all sample anew (in step)
+            found = bool(self.accelerator.gather(torch.tensor([found], device=self.accelerator.device)).all())
+        if not found:
+            return
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            used = int(f.metadata()["steps_on_buffer"])
+            flat = {key: f.get_tensor(key) for key in f.keys()}
+        self._buffer, self._steps_on_buffer = _unflatten_buffer(flat, self.accelerator.device), used
+        self._buffer_after_step = (self._buffer, used)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Load the weights `_save` wrote: diffusers' LoRA file, or the full transformer in `transformer/`."""
