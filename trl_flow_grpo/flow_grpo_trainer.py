@@ -351,7 +351,7 @@ class FlowGRPOTrainer(Trainer):
         self.add_callback(_OnStepEnd(self._mark_buffer))
         self._stop_on_signal = StopOnSignal(
             save_now=self._save_checkpoint_now,
-            any_process=lambda flag: bool(self.accelerator.gather(torch.tensor([flag], device=device)).any()),
+            any_process=lambda flag: bool(self.accelerator.gather(torch.tensor([int(flag)], device=device)).any()),
             num_processes=self.accelerator.num_processes,
         )
         self.add_callback(self._stop_on_signal)  # after the EMA update and the buffer mark: their step ends come first
@@ -891,7 +891,7 @@ class FlowGRPOTrainer(Trainer):
         path = os.path.join(checkpoint, ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index))
         found = os.path.isfile(path)
         if self.accelerator.num_processes > 1:  # all processes use their buffer, or all sample anew (in step)
-            found = bool(self.accelerator.gather(torch.tensor([found], device=self.accelerator.device)).all())
+            found = bool(self.accelerator.gather(torch.tensor([int(found)], device=self.accelerator.device)).all())
         if not found:
             return
         from safetensors import safe_open
