@@ -544,7 +544,8 @@ class FlowGRPOTrainer(Trainer):
         # a CFG evaluation counting 2). Training runs one forward per recorded step and sample (plus one of the
         # reference model when beta > 0), num_iterations times.
         num_samples = len(rows)
-        per_step = (2 if self.rollout_guidance > 1 else 1) * (2 if args.beta > 0 else 1) * args.num_iterations
+        per_step = self.adapter.forwards_per_sample(self.rollout_guidance) * (2 if args.beta > 0 else 1)
+        per_step *= args.num_iterations
         self._metrics["sde_window/start"].append(float(window.start))
         self._metrics["sde_window/size"].append(float(window.size))
         self._metrics["rollout/transformer_calls"].append(float(rollout_calls))

@@ -13,6 +13,10 @@ downloading anything from the Hugging Face Hub. Every component is built in code
 - optionally a 2-layer [`~transformers.T5EncoderModel`] (`d_model=64`) with a Unigram [`~transformers.T5Tokenizer`]
   built in code.
 
+[`make_tiny_flux_pipeline`] builds a [`~diffusers.FluxPipeline`] the same way (a 1 + 1-layer
+[`~diffusers.FluxTransformer2DModel`], optionally with FLUX.1-dev's guidance embedding; a CLIP text encoder and a T5
+encoder; FLUX's dynamic-shift scheduler).
+
 The images are noise, of course; the point is that shapes, dtypes, configs and code paths match the real model.
 
 Example:
@@ -30,10 +34,18 @@ pipe.transformer.add_adapter(tiny_lora_config())
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from peft import LoraConfig
 from transformers import (
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     T5Config,
@@ -47,6 +59,7 @@ __all__ = [
     "TINY_SD3_LORA_TARGET_MODULES",
     "TINY_WORDS",
     "make_tiny_clip_tokenizer",
+    "make_tiny_flux_pipeline",
     "make_tiny_sd3_pipeline",
     "make_tiny_t5_tokenizer",
     "tiny_lora_config",
@@ -141,8 +154,8 @@ def make_tiny_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
 
 
-def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
-    config = CLIPTextConfig(
+def _clip_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=_CLIP_HIDDEN_SIZE,
         intermediate_size=37,
@@ -155,7 +168,45 @@ def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
         eos_token_id=tokenizer.eos_token_id,  # pooled output is read at the first eos token
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModelWithProjection(config)
+
+
+def _clip_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    return CLIPTextModelWithProjection(_clip_config(tokenizer))
+
+
+def _t5_encoder(tokenizer: T5Tokenizer) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=_T5_D_MODEL,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as used by SD3 and FLUX
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def _tiny_vae(sample_size: int, latent_channels: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+        block_out_channels=_VAE_BLOCK_OUT_CHANNELS,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
 
 
 def make_tiny_sd3_pipeline(
@@ -218,51 +269,13 @@ def make_tiny_sd3_pipeline(
             out_channels=_LATENT_CHANNELS,
             pos_embed_max_size=max(32, latent_size // _PATCH_SIZE),
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
-            up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
-            block_out_channels=_VAE_BLOCK_OUT_CHANNELS,
-            layers_per_block=1,
-            latent_channels=_LATENT_CHANNELS,
-            norm_num_groups=4,
-            sample_size=sample_size,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        vae = _tiny_vae(sample_size, _LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609)
         text_encoder = _clip_text_encoder(tokenizer)
         text_encoder_2 = _clip_text_encoder(tokenizer_2)
-        text_encoder_3 = None
-        if with_t5:
-            t5_config = T5Config(
-                vocab_size=len(tokenizer_3),
-                d_model=_T5_D_MODEL,
-                d_kv=16,
-                d_ff=64,
-                num_layers=2,
-                num_heads=2,
-                relative_attention_num_buckets=8,
-                feed_forward_proj="gated-gelu",  # T5 v1.1, as used by SD3
-                pad_token_id=tokenizer_3.pad_token_id,
-                eos_token_id=tokenizer_3.eos_token_id,
-                decoder_start_token_id=tokenizer_3.pad_token_id,
-            )
-            text_encoder_3 = T5EncoderModel(t5_config)
+        text_encoder_3 = _t5_encoder(tokenizer_3) if with_t5 else None
 
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    models = [transformer, vae, text_encoder, text_encoder_2, text_encoder_3]
-    for model in models:
-        if model is None:
-            continue
-        if torch_dtype != torch.float32:
-            # `torch.nn.Module.to` rather than `ModelMixin.to`, which warns about `_keep_in_fp32_modules` on every
-            # dtype cast even when (as here) that list is empty.
-            torch.nn.Module.to(model, dtype=torch_dtype)
-        model.eval()
-
+    _finish([transformer, vae, text_encoder, text_encoder_2, text_encoder_3], torch_dtype)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
@@ -273,6 +286,91 @@ def make_tiny_sd3_pipeline(
         tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+
+
+def _finish(models: list[torch.nn.Module | None], torch_dtype: torch.dtype) -> None:
+    for model in models:
+        if model is None:
+            continue
+        if torch_dtype != torch.float32:
+            # `torch.nn.Module.to` rather than `ModelMixin.to`, which warns about `_keep_in_fp32_modules` on every
+            # dtype cast even when (as here) that list is empty.
+            torch.nn.Module.to(model, dtype=torch_dtype)
+        model.eval()
+
+
+def make_tiny_flux_pipeline(
+    seed: int = 0,
+    *,
+    sample_size: int = 32,
+    guidance_embeds: bool = True,
+    torch_dtype: torch.dtype = torch.float32,
+) -> FluxPipeline:
+    """Build a tiny, randomly initialised [`~diffusers.FluxPipeline`] without touching the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration:
+
+    - Transformer: 1 double-stream and 1 single-stream block, 2 heads x 16 dims (rotary axes 4 + 6 + 6), 4 latent
+      channels packed into 2x2 patches (`in_channels=16`), `joint_attention_dim=64` (= T5's `d_model`),
+      `pooled_projection_dim=32` (= CLIP's hidden size); `guidance_embeds=True` is FLUX.1-dev's guidance embedding,
+      `False` FLUX.1-schnell's layout.
+    - VAE: 2 blocks `(8, 16)`, 4 latent channels, scale factor 2, FLUX's `scaling_factor=0.3611` and
+      `shift_factor=0.1159`, no quant convs. Images must be multiples of 4 pixels (VAE factor x packing).
+    - Text: a 2-layer [`~transformers.CLIPTextModel`] (pooled output) and a 2-layer T5 encoder, tokenizers built in
+      code.
+    - Scheduler: FLUX's `FlowMatchEulerDiscreteScheduler` (dynamic shifting, `shift=3.0`, base/max shift 0.5/1.15,
+      base/max sequence length 256/4096).
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; a multiple of 4.
+        guidance_embeds: Whether the transformer takes a guidance embedding (FLUX.1-dev) or not (schnell).
+        torch_dtype: dtype of all model weights.
+
+    Returns:
+        The pipeline, on CPU.
+    """
+    multiple = _VAE_SCALE_FACTOR * 2
+    if sample_size <= 0 or sample_size % multiple != 0:
+        raise ValueError(f"sample_size must be a positive multiple of {multiple}, got {sample_size}.")
+    latent_channels = 4
+    tokenizer, tokenizer_2 = make_tiny_clip_tokenizer(), make_tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=_T5_D_MODEL,
+            pooled_projection_dim=_CLIP_HIDDEN_SIZE,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = _tiny_vae(sample_size, latent_channels, scaling_factor=0.3611, shift_factor=0.1159)
+        text_encoder = CLIPTextModel(_clip_config(tokenizer))
+        text_encoder_2 = _t5_encoder(tokenizer_2)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    _finish([transformer, vae, text_encoder, text_encoder_2], torch_dtype)
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
 
 

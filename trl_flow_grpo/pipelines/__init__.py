@@ -3,9 +3,10 @@
 from typing import Any
 
 from .base import Conditioning, PipelineAdapter, concat, select
+from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter]
+ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter, FluxAdapter]
 """Every supported family. A new family is one new module and one entry here."""
 
 
@@ -18,4 +19,13 @@ def get_adapter(pipeline: Any) -> PipelineAdapter:
     raise ValueError(f"{type(pipeline).__name__} is not supported yet. Supported pipelines: {supported}.")
 
 
-__all__ = ["ADAPTERS", "Conditioning", "PipelineAdapter", "SD3Adapter", "concat", "get_adapter", "select"]
+__all__ = [
+    "ADAPTERS",
+    "Conditioning",
+    "FluxAdapter",
+    "PipelineAdapter",
+    "SD3Adapter",
+    "concat",
+    "get_adapter",
+    "select",
+]

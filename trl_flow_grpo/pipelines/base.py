@@ -93,10 +93,20 @@ class PipelineAdapter(ABC):
             cond: from `encode_prompts`, batch B.
         """
 
-    @abstractmethod
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents (B, *latent_shape) -> B PIL images."""
+    def forwards_per_sample(self, guidance_scale: float) -> int:
+        """Transformer forwards per sample in one `velocity` call: 2 with classifier-free guidance ([uncond; cond])."""
+        return 2 if guidance_scale > 1.0 else 1
 
-    @abstractmethod
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents (B, *latent_shape) -> B PIL images (a VAE with `scaling_factor` and `shift_factor`)."""
+        vae = self.pipeline.vae
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
+
     def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
         """Write `pytorch_lora_weights.safetensors` that `pipeline_class.load_lora_weights(output_dir)` loads."""
+        self.pipeline_class.save_lora_weights(
+            output_dir, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=metadata
+        )

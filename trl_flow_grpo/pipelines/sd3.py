@@ -3,7 +3,6 @@
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-from PIL import Image
 
 from .base import Conditioning, PipelineAdapter
 
@@ -100,15 +99,3 @@ class SD3Adapter(PipelineAdapter):
             uncond, text = out.chunk(2)
             out = uncond + guidance_scale * (text - uncond)
         return out
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.pipeline.vae
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return self.pipeline.image_processor.postprocess(images.float(), output_type="pil")
-
-    def save_lora_weights(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
-        StableDiffusion3Pipeline.save_lora_weights(
-            output_dir, transformer_lora_layers=lora_state_dict, transformer_lora_adapter_metadata=metadata
-        )

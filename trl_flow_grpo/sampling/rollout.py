@@ -111,7 +111,7 @@ def rollout(
 
     x = noise.float()
     batch = x.shape[0]
-    forwards_per_sample = 2 if guidance_scale > 1 else 1  # the adapter runs [uncond; cond] in one forward
+    forwards_per_sample = adapter.forwards_per_sample(guidance_scale)
     calls = 0
     tail_sigmas = compressed_schedule(sigmas, tail_start, ode_compression)
     bar = tqdm(total=tail_start + tail_sigmas.numel() - 1, desc="denoising", leave=False, disable=not progress)
