@@ -876,11 +876,13 @@ class FlowGRPOTrainer(Trainer):
     # still to be trained on (each process its own), so that resuming trains on the same samples as the uninterrupted
     # run instead of sampling new ones with the newer policy.
     def _mark_buffer(self) -> None:
-        self._buffer_after_step = (self._buffer, self._steps_on_buffer)
+        # Only a buffer with iterations left is kept: a used-up one must not stay in GPU memory during the next step.
+        left = self._steps_on_buffer % self.args.num_iterations != 0
+        self._buffer_after_step = (self._buffer if left else None, self._steps_on_buffer)
 
     def _save_rollout_buffer(self, folder: str) -> None:
         buffer, used = self._buffer_after_step
-        if buffer is None or used % self.args.num_iterations == 0:
+        if buffer is None:
             return
         from safetensors.torch import save_file
 
