@@ -27,6 +27,7 @@ from trl_flow_grpo.rewards import (
     encode_image,
     parse_verdict,
 )
+from trl_flow_grpo.testing import make_tiny_qwen2_5_vl, make_tiny_qwen2_tokenizer
 
 # --------------------------------------------------------------------------------------------- prompt and verdicts
 
@@ -100,39 +101,12 @@ _CHAT_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_SPECIAL_TOKENS = [
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
-
-def _byte_vocab() -> dict[str, int]:
-    """Byte-level BPE symbols for all 256 bytes (GPT-2's printable mapping), without merges."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    symbols = {byte: chr(byte) for byte in printable}
-    extra = 0
-    for byte in range(256):
-        if byte not in symbols:
-            symbols[byte] = chr(256 + extra)
-            extra += 1
-    return {symbol: index for index, symbol in enumerate(symbols[byte] for byte in range(256))}
 
 
 @pytest.fixture(scope="module")
 def tiny_vlm():
     """A randomly initialised tiny Qwen2.5-VL (one text layer, one vision layer) and its processor, built offline."""
-    vocab = _byte_vocab()
-    for token in ["<|endoftext|>", *_SPECIAL_TOKENS]:
-        vocab[token] = len(vocab)
-    tokenizer = transformers.Qwen2Tokenizer(
-        vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": _SPECIAL_TOKENS})
+    tokenizer = make_tiny_qwen2_tokenizer()
     image_processor_class = (
         getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     )
@@ -140,35 +114,8 @@ def tiny_vlm():
     processor = _ImageOnlyQwen2_5_VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE
     )
-    token_id = tokenizer.convert_tokens_to_ids
-    config = transformers.Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 8192,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
-            "eos_token_id": token_id("<|im_end|>"),
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 32,
-            "fullatt_block_indexes": [0],
-        },
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-    )
     torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = make_tiny_qwen2_5_vl(tokenizer).eval()
     return model, processor
 
 

@@ -36,9 +36,12 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -48,6 +51,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -60,6 +66,8 @@ __all__ = [
     "TINY_WORDS",
     "make_tiny_clip_tokenizer",
     "make_tiny_flux_pipeline",
+    "make_tiny_qwen2_tokenizer",
+    "make_tiny_qwen_image_pipeline",
     "make_tiny_sd3_pipeline",
     "make_tiny_t5_tokenizer",
     "tiny_lora_config",
@@ -371,6 +379,119 @@ def make_tiny_flux_pipeline(
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
+    )
+
+
+QWEN2_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def make_tiny_qwen2_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level [`~transformers.Qwen2Tokenizer`] built in code: one token per byte (GPT-2's printable mapping, no
+    merges), `<|endoftext|>` (padding) and Qwen2.5-VL's chat and vision special tokens (`QWEN2_SPECIAL_TOKENS`)."""
+    symbols = _bytes_to_unicode()
+    vocab = {symbols[byte]: index for index, byte in enumerate(range(256))}
+    for token in ("<|endoftext|>", *QWEN2_SPECIAL_TOKENS):
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def make_tiny_qwen2_5_vl(tokenizer: Qwen2Tokenizer, hidden_size: int = 32) -> Qwen2_5_VLForConditionalGeneration:
+    """A randomly initialised Qwen2.5-VL with one text layer and one vision layer (seed it yourself)."""
+    token_id = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 8192,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
+            "bos_token_id": None,
+            "eos_token_id": token_id("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": hidden_size,
+            "fullatt_block_indexes": [0],
+        },
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def make_tiny_qwen_image_pipeline(
+    seed: int = 0, *, sample_size: int = 32, torch_dtype: torch.dtype = torch.float32
+) -> QwenImagePipeline:
+    """Build a tiny, randomly initialised [`~diffusers.QwenImagePipeline`] without touching the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration: a 1-layer
+    [`~diffusers.QwenImageTransformer2DModel`] (2 heads x 16 dims, rotary axes 4 + 6 + 6, 4 latent channels packed
+    2x2, `joint_attention_dim=32`); a 2-stage [`~diffusers.AutoencoderKLQwenImage`] (scale factor 2, 4 latent
+    channels with their own `latents_mean` / `latents_std`); a 1-layer Qwen2.5-VL text encoder (hidden size 32) with
+    the byte-level tokenizer of [`make_tiny_qwen2_tokenizer`]; Qwen-Image's scheduler settings (dynamic exponential
+    shift, `shift_terminal=0.02`). Images must be multiples of 4 pixels.
+    """
+    multiple = 4
+    if sample_size <= 0 or sample_size % multiple != 0:
+        raise ValueError(f"sample_size must be a positive multiple of {multiple}, got {sample_size}.")
+    latent_channels, text_width = 4, 32
+    tokenizer = make_tiny_qwen2_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4 * latent_channels,
+            out_channels=latent_channels,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=text_width,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=latent_channels,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False],
+            latents_mean=[0.1, -0.2, 0.3, -0.4],
+            latents_std=[1.5, 2.0, 0.8, 1.2],
+        )
+        text_encoder = make_tiny_qwen2_5_vl(tokenizer, hidden_size=text_width)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+    )
+    _finish([transformer, vae, text_encoder], torch_dtype)
+    return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )
 
 

@@ -4,9 +4,10 @@ from typing import Any
 
 from .base import Conditioning, PipelineAdapter, concat, select
 from .flux import FluxAdapter
+from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter, FluxAdapter]
+ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter, FluxAdapter, QwenImageAdapter]
 """Every supported family. A new family is one new module and one entry here."""
 
 
@@ -24,6 +25,7 @@ __all__ = [
     "Conditioning",
     "FluxAdapter",
     "PipelineAdapter",
+    "QwenImageAdapter",
     "SD3Adapter",
     "concat",
     "get_adapter",
