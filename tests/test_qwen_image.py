@@ -78,6 +78,11 @@ def test_lora_training_on_qwen_image_loads_in_plain_diffusers(tmp_path):
 
     trainer.save_model()
     assert os.path.isfile(tmp_path / "pytorch_lora_weights.safetensors")
+    # The model card's loading code samples with Qwen-Image's true CFG, not the (ignored) guidance_scale.
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text(encoding="utf-8")
+    (call,) = [line for line in card.splitlines() if line.startswith("image = pipe(")]
+    assert "true_cfg_scale=4.0, negative_prompt=' '" in call and "guidance_scale" not in call
     pipe.to("cpu")
     transformer = trainer.accelerator.unwrap_model(trainer.model).eval()
     loaded = make_tiny_qwen_image_pipeline(seed=0)

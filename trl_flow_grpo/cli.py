@@ -430,6 +430,12 @@ def sample(argv: list[str]) -> None:
             pipe.load_lora_weights(args.lora)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    from .pipelines import get_adapter
+
+    try:  # each family names its guidance its own way (Qwen-Image: true_cfg_scale with a negative prompt)
+        guidance = get_adapter(pipe).pipeline_call_kwargs(args.guidance_scale)
+    except ValueError:  # a pipeline the trainer does not support: its own guidance_scale
+        guidance = {"guidance_scale": args.guidance_scale}
     images, captions = [], []
     jobs = [(p, k) for p in prompts for k in range(args.images_per_prompt)]
     for prompt, k in tqdm(jobs, desc="sample"):
@@ -437,10 +443,10 @@ def sample(argv: list[str]) -> None:
         image = pipe(
             prompt,
             num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
             height=args.height,
             width=args.width,
             generator=generator,
+            **guidance,
             **extra,
         ).images[0]
         images.append(image)

@@ -579,7 +579,7 @@ def write_model_card(
         example_prompt=str(prompts[0]) if len(prompts) else "a photo of a cat",
         inference={
             "num_inference_steps": args.eval_num_inference_steps,
-            "guidance_scale": args.guidance_scale,
+            **trainer.adapter.pipeline_call_kwargs(args.guidance_scale),
             "height": args.height,
             "width": args.width,
         },

@@ -93,6 +93,10 @@ class PipelineAdapter(ABC):
             cond: from `encode_prompts`, batch B.
         """
 
+    def pipeline_call_kwargs(self, guidance_scale: float) -> dict:
+        """The arguments of the pipeline's own `__call__` that sample with this guidance (model cards, `sample`)."""
+        return {"guidance_scale": guidance_scale}
+
     def forwards_per_sample(self, guidance_scale: float) -> int:
         """Transformer forwards per sample in one `velocity` call: 2 with classifier-free guidance ([uncond; cond])."""
         return 2 if guidance_scale > 1.0 else 1

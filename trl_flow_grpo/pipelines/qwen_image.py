@@ -56,6 +56,10 @@ class QwenImageAdapter(PipelineAdapter):
             cond |= {"negative_prompt_embeds": neg, "negative_prompt_embeds_mask": neg_mask}
         return cond
 
+    def pipeline_call_kwargs(self, guidance_scale: float) -> dict:
+        # QwenImagePipeline's `guidance_scale` is for guidance-distilled variants; true CFG needs a negative prompt.
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": NEGATIVE_PROMPT} if guidance_scale > 1 else {}
+
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         return (self.transformer.config.in_channels // 4, 2 * (height // self._factor), 2 * (width // self._factor))
 
