@@ -163,3 +163,33 @@ def test_ctrl_c_during_train_saves_and_says_how_to_resume(tmp_path, capsys, monk
     assert f"Interrupted (SIGINT). Newest checkpoint: {tmp_path / 'checkpoint-1'}" in err
     assert "--resume_from_checkpoint true" in err
     assert not (tmp_path / "transformer").exists()  # the unfinished model is not saved as the result
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image"])
+def test_train_a_saved_pipeline_from_a_prompt_file(tmp_path, capsys, family):
+    """The path a real run takes: a pipeline folder (`from_pretrained`), a .txt of prompts, a built-in reward, the
+    default LoRA targets; the LoRA it writes loads into the same pipeline with diffusers."""
+    from diffusers import DiffusionPipeline
+
+    from trl_flow_grpo import testing
+
+    build = {
+        "sd3": lambda: testing.make_tiny_sd3_pipeline(seed=0, with_t5=True),
+        "flux": lambda: testing.make_tiny_flux_pipeline(seed=0),
+        "qwen_image": lambda: testing.make_tiny_qwen_image_pipeline(seed=0),
+    }[family]
+    base, prompts, out = tmp_path / "base", tmp_path / "prompts.txt", tmp_path / "out"
+    build().save_pretrained(base)
+    prompts.write_text("a red circle\ntwo blue squares\na green triangle\n", encoding="utf-8")
+    main(
+        ["train", "--model_name_or_path", str(base), "--dataset_name", str(prompts), "--reward_funcs"]
+        + ["jpeg_compressibility", "--output_dir", str(out), "--max_steps", "1", "--num_generations", "2"]
+        + ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--height", "32"]
+        + ["--width", "32", "--num_inference_steps", "2", "--max_sequence_length", "256", "--lora_r", "4"]
+        + ["--lora_alpha", "8", "--learning_rate", "1e-2", "--save_strategy", "no", "--report_to", "none"]
+        + ["--disable_tqdm", "true", "--logging_steps", "1", "--guidance_scale", "3.0"]
+    )
+    assert "step    1/1 | reward" in capsys.readouterr().out
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(str(out))
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())

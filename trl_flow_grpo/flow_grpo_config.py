@@ -181,8 +181,8 @@ class FlowGRPOConfig(TrainingArguments):
 
     Changed defaults of [`~transformers.TrainingArguments`]: `learning_rate=3e-4`, `weight_decay=1e-4`,
     `lr_scheduler_type="constant"`, `per_device_train_batch_size=8`, `gradient_accumulation_steps=3` (one group of
-    24 per process and step), `logging_steps=1`, `remove_unused_columns=False`, and `bf16` is on when a CUDA
-    device is available unless set.
+    24 per process and step), `logging_steps=1`, `remove_unused_columns=False`, `dataloader_pin_memory=False` (the
+    dataloader yields prompt rows, not tensors), and `bf16` is on when a CUDA device is available unless set.
     """
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -367,6 +367,9 @@ class FlowGRPOConfig(TrainingArguments):
     logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep every dataset column: they are passed to the reward functions."}
+    )
+    dataloader_pin_memory: bool = field(
+        default=False, metadata={"help": "Pin dataloader memory; off: the dataloader yields prompt rows, not tensors."}
     )
     bf16: bool | None = field(
         default=None,
