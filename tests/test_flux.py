@@ -66,6 +66,13 @@ def test_ode_rollout_matches_diffusers_flux_pipeline(guidance_embeds):
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and len(sigmas) == STEPS + 1
 
 
+def test_packing_is_diffusers_and_round_trips():
+    latents = torch.randn(2, 4, 6, 8)
+    packed = FluxAdapter.pack(latents)
+    assert torch.equal(packed, FluxPipeline._pack_latents(latents, 2, 4, 6, 8))
+    assert torch.equal(FluxAdapter.unpack(packed, 6, 8), latents)
+
+
 def test_sizes_must_fit_the_vae_and_the_packing():
     adapter = get_adapter(make_tiny_flux_pipeline())
     with pytest.raises(ValueError, match=r"height=30 is not divisible by 4 .* use height=28"):

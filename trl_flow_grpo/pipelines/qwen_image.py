@@ -1,41 +1,27 @@
 """Qwen-Image (`QwenImagePipeline`)."""
 
-import numpy as np
 import torch
 from diffusers import QwenImagePipeline
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from PIL import Image
 
-from .base import Conditioning, PipelineAdapter
+from .base import Conditioning
+from .packed import PackedLatentAdapter
 
 NEGATIVE_PROMPT = " "
 """The negative prompt of Qwen-Image's true CFG (the model card's)."""
 
 
-class QwenImageAdapter(PipelineAdapter):
+class QwenImageAdapter(PackedLatentAdapter):
     """Qwen-Image takes latents packed into 2x2 patches like FLUX, the timestep sigma, the last hidden states of
     Qwen2.5-VL (a prompt template, its first tokens dropped) with a mask for padded text, and "true" classifier-free
     guidance: separate forwards for the prompt and the negative prompt (their text lengths differ), combined as
     `uncond + s (cond - uncond)` and rescaled to the norm of the conditional prediction per token.
 
-    The trajectory keeps latents unpacked, (B, C, H/8, W/8). `guidance_scale` is the true-CFG scale (4.0 in
+    Packing, sizes and the grid: `PackedLatentAdapter`. `guidance_scale` is the true-CFG scale (4.0 in
     diffusers' example); `guidance_scale <= 1` runs the prompt alone.
     """
 
     pipeline_class = QwenImagePipeline
-
-    @property
-    def _factor(self) -> int:
-        return self.pipeline.vae_scale_factor * 2
-
-    def check_inputs(self, height: int, width: int) -> None:
-        for name, value in (("height", height), ("width", width)):
-            if value % self._factor:
-                raise ValueError(
-                    f"{name}={value} is not divisible by {self._factor} (VAE scale factor "
-                    f"{self.pipeline.vae_scale_factor} x 2x2 latent packing); use "
-                    f"{name}={max(self._factor, value - value % self._factor)}."
-                )
 
     def _encode(self, prompts: list[str], device: torch.device, max_sequence_length: int):
         embeds, mask = self.pipeline.encode_prompt(
@@ -60,24 +46,6 @@ class QwenImageAdapter(PipelineAdapter):
         # QwenImagePipeline's `guidance_scale` is for guidance-distilled variants; true CFG needs a negative prompt.
         return {"true_cfg_scale": guidance_scale, "negative_prompt": NEGATIVE_PROMPT} if guidance_scale > 1 else {}
 
-    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        return (self.transformer.config.in_channels // 4, 2 * (height // self._factor), 2 * (width // self._factor))
-
-    def sigmas(self, num_inference_steps: int, height: int, width: int, device: torch.device) -> torch.Tensor:
-        # As QwenImagePipeline: sigmas linspace(1, 1/T, T), shifted by mu from the number of packed tokens.
-        config = self._scheduler.config
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        tokens = (height // self._factor) * (width // self._factor)
-        mu = calculate_shift(
-            tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        self._scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
-        return self._scheduler.sigmas.to(device=device, dtype=torch.float32)
-
     def velocity(
         self,
         transformer: torch.nn.Module,
@@ -87,8 +55,8 @@ class QwenImageAdapter(PipelineAdapter):
         guidance_scale: float,
     ) -> torch.Tensor:
         dtype = cond["prompt_embeds"].dtype
-        batch, channels, height, width = latents.shape
-        packed = QwenImagePipeline._pack_latents(latents, batch, channels, height, width).to(dtype)
+        batch, _, height, width = latents.shape
+        packed = self.pack(latents).to(dtype)
         timestep = (sigma * self._scheduler.config.num_train_timesteps).to(dtype) / 1000
         guidance = None
         if self.transformer.config.guidance_embeds:
@@ -110,8 +78,7 @@ class QwenImageAdapter(PipelineAdapter):
             uncond = forward(cond["negative_prompt_embeds"], cond["negative_prompt_embeds_mask"])
             combined = uncond + guidance_scale * (out - uncond)
             out = combined * (out.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
-        out = out.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(batch, channels, height, width).float()
+        return self.unpack(out, height, width).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
