@@ -212,7 +212,7 @@ def test_push_to_hub_uploads_loadable_lora_card_and_samples(tmp_path, hub):
         "| Images sampled | 4 |",
         "| num_generations (group size G) | 2 |",
         "| num_inference_steps (training rollouts) | 2 |",
-        f"| guidance_scale | {args.guidance_scale} |",
+        f"| guidance_scale | {trainer.guidance_scale} |",
         f"| noise_level | {args.noise_level} |",
         f"| sde_type | {args.sde_type} |",
         "| sde_window | full |",

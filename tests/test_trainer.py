@@ -621,3 +621,18 @@ def test_lora_initialisation_follows_args_seed(tmp_path):
     first, again, other = initial_lora(1), initial_lora(1), initial_lora(2)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize(
+    ("builder", "expected"),
+    [("make_tiny_sd3_pipeline", 4.5), ("make_tiny_flux_pipeline", 3.5), ("make_tiny_qwen_image_pipeline", 4.0)],
+)
+def test_guidance_scale_defaults_to_the_pipeline_familys(tmp_path, builder, expected):
+    from trl_flow_grpo import testing
+
+    pipe = getattr(testing, builder)(seed=0)
+    trainer = FlowGRPOTrainer(pipe, "jpeg_compressibility", args=make_args(tmp_path), train_dataset=prompt_dataset())
+    assert trainer.guidance_scale == trainer.rollout_guidance == expected
+    explicit = make_args(tmp_path, guidance_scale=2.0, train_cfg=False)
+    trainer = FlowGRPOTrainer(pipe, "jpeg_compressibility", args=explicit, train_dataset=prompt_dataset())
+    assert (trainer.guidance_scale, trainer.rollout_guidance) == (2.0, 1.0)

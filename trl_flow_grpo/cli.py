@@ -201,7 +201,7 @@ def _demo_evaluation(trainer, eval_dataset):
             trainer.pipeline,
             list(eval_dataset["prompt"]),
             num_inference_steps=args.eval_num_inference_steps,
-            guidance_scale=args.guidance_scale,
+            guidance_scale=trainer.guidance_scale,
             seed=args.seed,
         )
 
@@ -362,8 +362,9 @@ class SampleArguments:
             Where to write the grid.
         num_inference_steps (`int`, *optional*, defaults to `40`):
             ODE steps (the Flow-GRPO paper evaluates with 40).
-        guidance_scale (`float`, *optional*, defaults to `4.5`):
-            Classifier-free guidance scale.
+        guidance_scale (`float`, *optional*):
+            Guidance scale, passed as the pipeline family takes it (Qwen-Image: `true_cfg_scale` with the negative
+            prompt " "); unset: the family's default (SD3 / SD3.5 4.5, FLUX.1 3.5, Qwen-Image 4.0).
         height (`int`, *optional*):
             Image height; defaults to the pipeline's.
         width (`int`, *optional*):
@@ -381,7 +382,9 @@ class SampleArguments:
     images_per_prompt: int = field(default=1, metadata={"help": "Images per prompt."})
     output: str = field(default="samples.png", metadata={"help": "Output grid path."})
     num_inference_steps: int = field(default=40, metadata={"help": "ODE steps."})
-    guidance_scale: float = field(default=4.5, metadata={"help": "Classifier-free guidance scale."})
+    guidance_scale: float | None = field(
+        default=None, metadata={"help": "Guidance scale; unset: the pipeline family's default (SD3 4.5, FLUX 3.5)."}
+    )
     height: int | None = field(default=None, metadata={"help": "Image height (default: the pipeline's)."})
     width: int | None = field(default=None, metadata={"help": "Image width (default: the pipeline's)."})
     seed: int = field(default=0, metadata={"help": "Seed of the first image of each prompt."})
@@ -433,9 +436,11 @@ def sample(argv: list[str]) -> None:
     from .pipelines import get_adapter
 
     try:  # each family names its guidance its own way (Qwen-Image: true_cfg_scale with a negative prompt)
-        guidance = get_adapter(pipe).pipeline_call_kwargs(args.guidance_scale)
-    except ValueError:  # a pipeline the trainer does not support: its own guidance_scale
-        guidance = {"guidance_scale": args.guidance_scale}
+        adapter = get_adapter(pipe)
+        scale = args.guidance_scale if args.guidance_scale is not None else adapter.default_guidance_scale
+        guidance = adapter.pipeline_call_kwargs(scale)
+    except ValueError:  # a pipeline the trainer does not support: its own guidance argument and default
+        guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     images, captions = [], []
     jobs = [(p, k) for p in prompts for k in range(args.images_per_prompt)]
     for prompt, k in tqdm(jobs, desc="sample"):

@@ -50,9 +50,11 @@ class FlowGRPOConfig(TrainingArguments):
             Number of denoising steps T of a training rollout.
         eval_num_inference_steps (`int`, *optional*, defaults to `40`):
             Number of denoising steps used by [`~FlowGRPOTrainer.evaluate`] (always the deterministic ODE sampler).
-        guidance_scale (`float`, *optional*, defaults to `4.5`):
-            Classifier-free guidance scale. Used for rollouts and training when `train_cfg=True`, and always for
-            evaluation images.
+        guidance_scale (`float` or `None`, *optional*, defaults to `None`):
+            Guidance scale, as the pipeline family understands it: classifier-free guidance for SD3 / SD3.5, the
+            guidance embedding for FLUX.1-dev, true CFG with the negative prompt " " for Qwen-Image. `None` takes the
+            family's default: 4.5 (SD3 / SD3.5, Flow-GRPO's value), 3.5 (FLUX.1), 4.0 (Qwen-Image). Used for
+            rollouts and training when `train_cfg=True`, and always for evaluation images.
         train_cfg (`bool`, *optional*, defaults to `True`):
             Whether rollouts and the training forward use classifier-free guidance (both branches get the gradient).
             With `False`, rollouts and training run at guidance 1 (which also distils CFG into the model) and
@@ -205,11 +207,12 @@ class FlowGRPOConfig(TrainingArguments):
     eval_num_inference_steps: int = field(
         default=40, metadata={"help": "Denoising steps of evaluation sampling (always ODE)."}
     )
-    guidance_scale: float = field(
-        default=4.5,
+    guidance_scale: float | None = field(
+        default=None,
         metadata={
-            "help": "Classifier-free guidance scale: for rollouts and training when `train_cfg=True`, always for "
-            "evaluation."
+            "help": "Guidance scale (CFG; FLUX.1-dev: its guidance embedding; Qwen-Image: true CFG): for rollouts and "
+            "training when `train_cfg=True`, always for evaluation. None: the pipeline family's default (SD3 4.5, "
+            "FLUX 3.5, Qwen-Image 4.0)."
         },
     )
     train_cfg: bool = field(

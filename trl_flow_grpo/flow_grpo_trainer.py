@@ -341,7 +341,10 @@ class FlowGRPOTrainer(Trainer):
         # Which steps are SDE at each iteration (`sampling.windows`); `sde_steps` holds the current window's steps.
         self.sde_window = WindowSchedule.from_config(args)
         self.sde_steps = self.sde_window.for_iteration(0).steps
-        self.rollout_guidance = args.guidance_scale if args.train_cfg else 1.0
+        self.guidance_scale = args.guidance_scale
+        if self.guidance_scale is None:
+            self.guidance_scale = self.adapter.default_guidance_scale
+        self.rollout_guidance = self.guidance_scale if args.train_cfg else 1.0
         self.ema = None
         if args.ema_decay is not None:
             trained = ((name, p) for name, p in transformer.named_parameters() if p.requires_grad)
@@ -765,7 +768,7 @@ class FlowGRPOTrainer(Trainer):
                 chunk = [dataset[i] for i in indices[start : start + batch_size]]
                 batch_prompts = [row["prompt"] for row in chunk]
                 cond = self.adapter.encode_prompts(
-                    batch_prompts, device, args.guidance_scale > 1, args.max_sequence_length
+                    batch_prompts, device, self.guidance_scale > 1, args.max_sequence_length
                 )
                 noise = torch.stack(
                     [
@@ -783,7 +786,7 @@ class FlowGRPOTrainer(Trainer):
                         sde_steps=[],
                         noise_level=0.0,
                         sde_type=args.sde_type,
-                        guidance_scale=args.guidance_scale,
+                        guidance_scale=self.guidance_scale,
                     )
                 images.extend(self.adapter.decode(trajectory.final_latents))
                 prompts.extend(batch_prompts)

@@ -419,7 +419,7 @@ def _hyperparameters(trainer: Any, images_sampled: int | None) -> list[tuple[str
         ("num_generations (group size G)", args.num_generations),
         ("Images per optimizer step", args.generation_batch_size),
         ("num_inference_steps (training rollouts)", args.num_inference_steps),
-        ("guidance_scale", args.guidance_scale),
+        ("guidance_scale", trainer.guidance_scale),
         ("train_cfg", get("train_cfg")),
         ("Resolution", f"{args.height}x{args.width}"),
         ("noise_level", args.noise_level),
@@ -579,7 +579,7 @@ def write_model_card(
         example_prompt=str(prompts[0]) if len(prompts) else "a photo of a cat",
         inference={
             "num_inference_steps": args.eval_num_inference_steps,
-            **trainer.adapter.pipeline_call_kwargs(args.guidance_scale),
+            **trainer.adapter.pipeline_call_kwargs(trainer.guidance_scale),
             "height": args.height,
             "width": args.width,
         },

@@ -32,6 +32,8 @@ class PipelineAdapter(ABC):
 
     pipeline_class: ClassVar[type]
     """The diffusers pipeline class this adapter serves (subclasses included)."""
+    default_guidance_scale: ClassVar[float]
+    """The guidance scale used when the configuration leaves `guidance_scale` unset."""
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline

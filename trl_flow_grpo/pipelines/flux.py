@@ -17,6 +17,7 @@ class FluxAdapter(PackedLatentAdapter):
     """
 
     pipeline_class = FluxPipeline
+    default_guidance_scale = 3.5  # FluxPipeline's default
 
     @torch.no_grad()
     def encode_prompts(

@@ -22,6 +22,7 @@ class QwenImageAdapter(PackedLatentAdapter):
     """
 
     pipeline_class = QwenImagePipeline
+    default_guidance_scale = 4.0  # diffusers' Qwen-Image example (true_cfg_scale)
 
     def _encode(self, prompts: list[str], device: torch.device, max_sequence_length: int):
         embeds, mask = self.pipeline.encode_prompt(

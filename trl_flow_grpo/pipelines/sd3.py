@@ -23,6 +23,7 @@ class SD3Adapter(PipelineAdapter):
     """SD3 takes latents (B, C, H/8, W/8), the timestep sigma * 1000, CLIP-L + CLIP-G + T5 text embeddings."""
 
     pipeline_class = StableDiffusion3Pipeline
+    default_guidance_scale = 4.5  # Flow-GRPO's SD3.5 setting
 
     def check_inputs(self, height: int, width: int) -> None:
         multiple = self.pipeline.vae_scale_factor * self.pipeline.patch_size
