@@ -354,7 +354,7 @@ class FlowGRPOTrainer(Trainer):
         self.add_callback(_OnStepEnd(self._mark_buffer))
         self._stop_on_signal = StopOnSignal(
             save_now=self._save_checkpoint_now,
-            any_process=lambda flag: bool(self.accelerator.gather(torch.tensor([int(flag)], device=device)).any()),
+            any_process=lambda flag: bool(self._gather_flag(flag).any()),
             num_processes=self.accelerator.num_processes,
         )
         self.add_callback(self._stop_on_signal)  # after the EMA update and the buffer mark: their step ends come first
@@ -407,6 +407,10 @@ class FlowGRPOTrainer(Trainer):
         self._save_optimizer_and_scheduler(folder)
         self._save_rng_state(folder)
         self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+
+    def _gather_flag(self, flag: bool) -> torch.Tensor:
+        """Every process's `flag` (a collective operation: all processes must call it at the same point)."""
+        return self.accelerator.gather(torch.tensor([int(flag)], device=self.accelerator.device))
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         with self._stop_on_signal.deferred():  # a signal during the save waits for it to finish
@@ -895,10 +899,8 @@ class FlowGRPOTrainer(Trainer):
 
     def _load_rollout_buffer(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index))
-        found = os.path.isfile(path)
-        if self.accelerator.num_processes > 1:  # all processes use their buffer, or all sample anew (in step)
-            found = bool(self.accelerator.gather(torch.tensor([int(found)], device=self.accelerator.device)).all())
-        if not found:
+        # All processes use their buffer, or all sample anew (in step).
+        if not self._gather_flag(os.path.isfile(path)).all():
             return
         from safetensors import safe_open
 

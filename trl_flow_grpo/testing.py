@@ -253,9 +253,7 @@ def make_tiny_sd3_pipeline(
     Returns:
         The pipeline, on CPU.
     """
-    multiple = _VAE_SCALE_FACTOR * _PATCH_SIZE
-    if sample_size <= 0 or sample_size % multiple != 0:
-        raise ValueError(f"sample_size must be a positive multiple of {multiple}, got {sample_size}.")
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * _PATCH_SIZE)
     latent_size = sample_size // _VAE_SCALE_FACTOR
 
     tokenizer = make_tiny_clip_tokenizer()
@@ -295,6 +293,11 @@ def make_tiny_sd3_pipeline(
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
     )
+
+
+def _check_sample_size(sample_size: int, multiple: int) -> None:
+    if sample_size <= 0 or sample_size % multiple != 0:
+        raise ValueError(f"sample_size must be a positive multiple of {multiple}, got {sample_size}.")
 
 
 def _finish(models: list[torch.nn.Module | None], torch_dtype: torch.dtype) -> None:
@@ -339,9 +342,7 @@ def make_tiny_flux_pipeline(
     Returns:
         The pipeline, on CPU.
     """
-    multiple = _VAE_SCALE_FACTOR * 2
-    if sample_size <= 0 or sample_size % multiple != 0:
-        raise ValueError(f"sample_size must be a positive multiple of {multiple}, got {sample_size}.")
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)
     latent_channels = 4
     tokenizer, tokenizer_2 = make_tiny_clip_tokenizer(), make_tiny_t5_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -451,9 +452,7 @@ def make_tiny_qwen_image_pipeline(
     the byte-level tokenizer of [`make_tiny_qwen2_tokenizer`]; Qwen-Image's scheduler settings (dynamic exponential
     shift, `shift_terminal=0.02`). Images must be multiples of 4 pixels.
     """
-    multiple = 4
-    if sample_size <= 0 or sample_size % multiple != 0:
-        raise ValueError(f"sample_size must be a positive multiple of {multiple}, got {sample_size}.")
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)  # the 2-stage VAE's factor x 2x2 packing
     latent_channels, text_width = 4, 32
     tokenizer = make_tiny_qwen2_tokenizer()
     with torch.random.fork_rng(devices=[]):

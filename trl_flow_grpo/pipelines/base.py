@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
 Conditioning = dict[str, torch.Tensor]
@@ -47,6 +48,18 @@ class PipelineAdapter(ABC):
             )
         # A private copy: computing a grid must not change the state of the user's pipeline.
         self._scheduler = copy.deepcopy(scheduler)
+
+    def _shift_mu(self, image_tokens: int, default_max_shift: float) -> float:
+        """`mu` of the scheduler's resolution-dependent shift for `image_tokens` transformer tokens, from the
+        scheduler's config (with the pipeline's defaults), as the diffusers pipelines compute it."""
+        config = self._scheduler.config
+        return calculate_shift(
+            image_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", default_max_shift),
+        )
 
     @property
     def transformer(self) -> torch.nn.Module:

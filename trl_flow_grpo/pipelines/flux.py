@@ -49,11 +49,9 @@ class FluxAdapter(PackedLatentAdapter):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), guidance_scale, device=device, dtype=torch.float32)
-        # The pipeline passes (sigma * num_train_timesteps) / 1000; the same here, to the last bit.
-        timestep = (sigma * self._scheduler.config.num_train_timesteps).to(dtype) / 1000
         out = transformer(
             hidden_states=packed,
-            timestep=timestep,
+            timestep=self._timestep(sigma, dtype),
             guidance=guidance,
             pooled_projections=cond["pooled_prompt_embeds"],
             encoder_hidden_states=embeds,

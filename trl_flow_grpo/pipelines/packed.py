@@ -2,7 +2,6 @@
 
 import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import PipelineAdapter
 
@@ -34,20 +33,17 @@ class PackedLatentAdapter(PipelineAdapter):
         return (self.transformer.config.in_channels // 4, 2 * (height // self._factor), 2 * (width // self._factor))
 
     def sigmas(self, num_inference_steps: int, height: int, width: int, device: torch.device) -> torch.Tensor:
-        config = self._scheduler.config
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        if config.get("use_flow_sigmas", False):
+        if self._scheduler.config.get("use_flow_sigmas", False):
             sigmas = None
-        tokens = (height // self._factor) * (width // self._factor)
-        mu = calculate_shift(
-            tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+        mu = self._shift_mu((height // self._factor) * (width // self._factor), default_max_shift=1.15)
         self._scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu)
         return self._scheduler.sigmas.to(device=device, dtype=torch.float32)
+
+    def _timestep(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The transformer's timestep: the pipelines pass (sigma * num_train_timesteps) / 1000; the same here, to the
+        last bit."""
+        return (sigma * self._scheduler.config.num_train_timesteps).to(dtype) / 1000
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ class QwenImageAdapter(PackedLatentAdapter):
         dtype = cond["prompt_embeds"].dtype
         batch, _, height, width = latents.shape
         packed = self.pack(latents).to(dtype)
-        timestep = (sigma * self._scheduler.config.num_train_timesteps).to(dtype) / 1000
+        timestep = self._timestep(sigma, dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), guidance_scale, device=latents.device, dtype=torch.float32)

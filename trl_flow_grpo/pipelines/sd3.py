@@ -2,7 +2,6 @@
 
 import torch
 from diffusers import StableDiffusion3Pipeline
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from .base import Conditioning, PipelineAdapter
 
@@ -63,13 +62,7 @@ class SD3Adapter(PipelineAdapter):
         if config.get("use_dynamic_shifting", False):
             patch = self.transformer.config.patch_size
             _, h, w = self.latent_shape(height, width)
-            kwargs["mu"] = calculate_shift(
-                (h // patch) * (w // patch),
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
+            kwargs["mu"] = self._shift_mu((h // patch) * (w // patch), default_max_shift=1.16)
         self._scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
         return self._scheduler.sigmas.to(device=device, dtype=torch.float32)
 
