@@ -20,11 +20,13 @@ def test_train_without_a_model_runs_the_shapes_demo(tmp_path, capsys):
         ["train", "--output_dir", str(tmp_path), "--max_steps", "1", "--num_generations", "2"]
         + ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--num_inference_steps", "2"]
         + ["--eval_num_inference_steps", "2", "--logging_steps", "1", "--disable_tqdm", "true"]
+        + ["--heldout_images_per_prompt", "1"]
     )
     out = capsys.readouterr().out
-    assert "shapes model" in out
+    assert "shapes model" in out and "SHAPES_RECIPE" in out  # the demo says which recipe it trains
     assert "step    1/1 | reward" in out
-    assert "accuracy/position" in out  # the held-out table, before and after
+    assert "accuracy/position" in out  # the held-out table, before and after, with intervals
+    assert "95% intervals: bootstrap over captions" in out and "1 image per caption" in out
     assert (tmp_path / "transformer" / "config.json").is_file()  # the demo fine-tunes the whole transformer
     assert list((tmp_path / "samples").glob("train_step*.png"))
     # `sample` loads the fully fine-tuned transformer from the training output over the shapes model.

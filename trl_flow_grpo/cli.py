@@ -17,32 +17,27 @@ import sys
 from dataclasses import dataclass, field
 
 # The demo: the shipped pretrained shapes model (trl_flow_grpo.toy), its training-split prompts and the rule-based
-# GenEval-like reward, sized to finish in about 2 minutes on 2 CPU cores.
+# GenEval-like reward, with the shapes recipe (trl_flow_grpo.toy.recipe.SHAPES_RECIPE), sized to finish in about
+# 2.5 minutes on 2 CPU cores, evaluations included.
 DEMO_NUM_PROMPTS = 1024
-DEMO_DEFAULTS = {
+DEMO_OVERRIDES = {
     "output_dir": "flow-grpo-shapes",
     "reward_funcs": ["shapes_geneval"],
-    "use_peft": False,  # 2.3M parameters: full fine-tuning at a small learning rate was stable, a LoRA at 1e-3 not
-    "height": 32,
-    "width": 32,
-    "max_sequence_length": 16,
-    "num_generations": 8,
-    "per_device_train_batch_size": 16,
-    "gradient_accumulation_steps": 2,
-    "num_inference_steps": 10,
-    "timestep_fraction": 0.5,
-    "train_cfg": False,
-    "eval_num_inference_steps": 20,
-    "guidance_scale": 4.5,
+    "use_peft": False,  # 2.3M parameters: full fine-tuning (the recipe's learning rate is for it)
     "max_steps": 50,
-    "learning_rate": 5e-5,
-    "beta": 0.0,
     "logging_steps": 10,
     "save_strategy": "no",
     "report_to": "none",
     "per_device_eval_batch_size": 128,
     "log_completions": True,
 }
+
+
+def demo_defaults() -> dict:
+    """The demo's settings: the shapes recipe plus the demo's own (output folder, reward, length, logging)."""
+    from .toy.recipe import SHAPES_RECIPE
+
+    return {**SHAPES_RECIPE, **DEMO_OVERRIDES}
 
 
 def _sd3_lora_targets() -> tuple[str, ...]:
@@ -84,6 +79,8 @@ class TrainScriptArguments:
             LoRA alpha.
         lora_target_modules (`list[str]`, *optional*):
             Modules that get a LoRA; defaults to the attention projections (Flow-GRPO's choice).
+        heldout_images_per_prompt (`int`, *optional*, defaults to `4`):
+            Demo only: images per held-out caption in the before/after evaluation (more: a narrower interval).
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Pipeline id or path; unset: demo."})
@@ -107,6 +104,9 @@ class TrainScriptArguments:
         default_factory=lambda: list(_sd3_lora_targets()),
         metadata={"help": "Modules that get a LoRA."},
     )
+    heldout_images_per_prompt: int = field(
+        default=4, metadata={"help": "Demo only: images per held-out caption in the before/after evaluation."}
+    )
 
 
 def _parser(demo: bool):
@@ -116,7 +116,7 @@ def _parser(demo: bool):
 
     parser = TrlParser((TrainScriptArguments, FlowGRPOConfig), prog="trl-flow-grpo train")
     if demo:
-        parser.set_defaults(**DEMO_DEFAULTS)
+        parser.set_defaults(**demo_defaults())
     return parser
 
 
@@ -191,19 +191,28 @@ def _concise_logging(show_bar: bool):
     return ConciseProgress() if show_bar else ConcisePrinter()
 
 
-def _demo_evaluation(trainer, eval_dataset):
-    """Held-out GenEval-like accuracy per category of the shapes demo (the trainer's own policy, ODE sampling)."""
-    from .toy.model import evaluate_pipeline
+def _demo_evaluation(trainer, images_per_prompt: int):
+    """Held-out GenEval-like evaluation of the shapes demo (the trainer's own policy, ODE sampling, fixed seeds)."""
+    from .toy.evaluation import evaluate_heldout
 
-    def evaluate() -> dict[str, float]:
+    def evaluate():
         args = trainer.args
-        return evaluate_pipeline(
+        transformer = trainer.pipeline.transformer
+        was_training = transformer.training
+        transformer.eval()
+        print(f"Held-out evaluation: {images_per_prompt} images per held-out caption...", flush=True)
+        result = evaluate_heldout(
             trainer.pipeline,
-            list(eval_dataset["prompt"]),
+            images_per_prompt=images_per_prompt,
             num_inference_steps=args.eval_num_inference_steps,
             guidance_scale=trainer.guidance_scale,
             seed=args.seed,
+            batch_size=args.per_device_eval_batch_size,
+            keep_images=False,
+            progress=not args.disable_tqdm,
         )
+        transformer.train(was_training)
+        return result
 
     return evaluate
 
@@ -228,7 +237,13 @@ def train(argv: list[str]) -> None:
         print(
             "No --model_name_or_path: training the built-in offline demo, the pretrained shapes model "
             f"(trl_flow_grpo.toy) on {DEMO_NUM_PROMPTS} training prompts, reward "
-            f"{', '.join(script_args.reward_funcs)}; held-out = compositions never seen in training.",
+            f"{', '.join(script_args.reward_funcs)}; held-out = compositions never seen in training.\n"
+            f"Recipe (trl_flow_grpo.toy.recipe.SHAPES_RECIPE, not the library defaults): "
+            f"{'LoRA' if script_args.use_peft else 'full fine-tuning'}, "
+            f"learning_rate {training_args.learning_rate:g}, "
+            f"beta {training_args.beta:g}, {training_args.num_inference_steps} steps (the first "
+            f"{training_args.num_sde_steps} SDE), train_cfg {training_args.train_cfg}, {training_args.max_steps} "
+            "optimizer steps.",
             flush=True,
         )
     else:
@@ -262,7 +277,7 @@ def train(argv: list[str]) -> None:
         f"{training_args.num_generations}), {training_args.num_sde_steps} SDE steps each.",
         flush=True,
     )
-    evaluate = _demo_evaluation(trainer, eval_dataset) if demo else trainer.evaluate
+    evaluate = _demo_evaluation(trainer, script_args.heldout_images_per_prompt) if demo else trainer.evaluate
     if not demo and not trainer.reward_funcs:
         eval_dataset = None  # evaluate() reports pointwise rewards; a preference-only run has none
     before = evaluate() if eval_dataset is not None else None
@@ -278,9 +293,14 @@ def train(argv: list[str]) -> None:
     after = evaluate() if eval_dataset is not None else None
     trainer.save_model()
     if before is not None and after is not None and trainer.is_world_process_zero():
-        print(f"\n{'held-out (ODE sampling, fixed seeds)':<40}{'before':>8}{'after':>8}{'change':>8}")
-        for key in before:
-            print(f"{key:<40}{before[key]:>8.3f}{after[key]:>8.3f}{after[key] - before[key]:>+8.3f}")
+        if demo:
+            from .toy.evaluation import format_comparison
+
+            print("\n" + format_comparison(before, after, title="held-out (ODE, fixed seeds)"))
+        else:
+            print(f"\n{'held-out (ODE sampling, fixed seeds)':<40}{'before':>8}{'after':>8}{'change':>8}")
+            for key in before:
+                print(f"{key:<40}{before[key]:>8.3f}{after[key]:>8.3f}{after[key] - before[key]:>+8.3f}")
     if trainer.is_world_process_zero():
         print(f"Saved to {training_args.output_dir}/ (samples in {training_args.output_dir}/samples/)")
 

@@ -41,10 +41,14 @@ def generate(
     guidance_scale: float = 4.5,
     seed: int = 0,
     batch_size: int = 128,
+    progress: bool = False,
 ) -> list:
     """ODE samples of `prompts`, image i seeded by `seed + i` (reproducible whatever the batch size)."""
+    from tqdm.auto import tqdm
+
     images = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="held-out images", unit="batch", disable=not progress, leave=False):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
         images += pipe(
