@@ -5,7 +5,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["GroupSampler", "RowIndexed", "check_prompt_dataset"]
+__all__ = ["GroupSampler", "RowIndexed", "check_prompt_dataset", "check_train_dataset"]
 
 
 def check_prompt_dataset(dataset: Any, name: str) -> None:
@@ -22,6 +22,20 @@ def check_prompt_dataset(dataset: Any, name: str) -> None:
         )
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty.")
+
+
+def check_train_dataset(dataset: Any, generation_batch_size: int, num_generations: int) -> None:
+    """Raise unless `dataset` is a prompt dataset with at least the prompts of one optimizer step."""
+    if dataset is None:
+        raise ValueError("FlowGRPOTrainer needs a train_dataset with a 'prompt' column.")
+    check_prompt_dataset(dataset, "train_dataset")
+    prompts_per_batch = generation_batch_size // num_generations
+    if len(dataset) < prompts_per_batch:
+        raise ValueError(
+            f"train_dataset has {len(dataset)} prompts, but one optimizer step needs {prompts_per_batch} "
+            f"(generation_batch_size {generation_batch_size} / num_generations {num_generations}). Add prompts or "
+            "lower per_device_train_batch_size / gradient_accumulation_steps."
+        )
 
 
 class RowIndexed(torch.utils.data.Dataset):

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from . import hub
 from .checkpointing import CheckpointingMixin, RolloutBuffer
-from .data import RowIndexed, check_prompt_dataset
+from .data import RowIndexed, check_prompt_dataset, check_train_dataset
 from .ema import ParameterEMA
 from .flow_grpo_config import FlowGRPOConfig
 from .interrupts import StopOnSignal
@@ -64,6 +64,36 @@ def _load_pipeline(model: Any, init_kwargs: dict | None) -> Any:
         if isinstance(init_kwargs.get(key), str) and init_kwargs[key] != "auto":
             init_kwargs[key] = getattr(torch, init_kwargs[key])
     return DiffusionPipeline.from_pretrained(model, **init_kwargs)
+
+
+def _prepare_transformer(transformer: torch.nn.Module, peft_config: Any, args: FlowGRPOConfig) -> tuple[Any, Any]:
+    """Make `transformer` trainable: add the LoRA (trained in float32), or train it whole (with a frozen reference copy
+    when `beta > 0`); turn on diffusers' gradient checkpointing. Returns the reference copy (`None` with a LoRA, whose
+    reference is the network with its adapter disabled) and the args to give `transformers.Trainer`."""
+    ref_transformer = None
+    if peft_config is not None:
+        if getattr(peft_config, "lora_dropout", 0.0):
+            logger.warning(
+                "lora_dropout=%s: dropout makes training log-probs differ from sampling ones, so the first ratio is "
+                "not exactly 1. Flow-GRPO uses lora_dropout=0.",
+                peft_config.lora_dropout,
+            )
+        transformer.requires_grad_(False)
+        transformer.add_adapter(peft_config)
+        cast_training_params(transformer, dtype=torch.float32)  # train the adapter in float32 on a bf16 model
+    else:
+        transformer.requires_grad_(True)
+        if args.beta > 0:
+            ref_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
+    if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
+        # transformers would call `gradient_checkpointing_enable()`, which diffusers models do not have: use diffusers'
+        # own, and hide the flag from transformers on a copy (the user's config stays as it was).
+        transformer.enable_gradient_checkpointing()
+        args = copy.copy(args)
+        args.gradient_checkpointing = False
+        if hasattr(args, "activation_checkpointing"):
+            args.activation_checkpointing = False
+    return ref_transformer, args
 
 
 class FlowGRPOTrainer(CheckpointingMixin, Trainer):
@@ -123,18 +153,8 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             raise TypeError(f"args must be a FlowGRPOConfig, got {type(args).__name__}.")
 
         # --- inputs are validated before anything heavy happens ---
-        if train_dataset is None:
-            raise ValueError("FlowGRPOTrainer needs a train_dataset with a 'prompt' column.")
-        check_prompt_dataset(train_dataset, "train_dataset")
+        check_train_dataset(train_dataset, args.generation_batch_size, args.num_generations)
         check_prompt_dataset(eval_dataset, "eval_dataset")
-        prompts_per_batch = args.generation_batch_size // args.num_generations
-        if len(train_dataset) < prompts_per_batch:
-            raise ValueError(
-                f"train_dataset has {len(train_dataset)} prompts, but one optimizer step needs "
-                f"{prompts_per_batch} (generation_batch_size {args.generation_batch_size} / num_generations "
-                f"{args.num_generations}). Add prompts or lower per_device_train_batch_size / "
-                "gradient_accumulation_steps."
-            )
         self.scorer = Scorer(reward_funcs, preference_funcs, args)
         self.reward_funcs, self.reward_func_names = self.scorer.reward_funcs, self.scorer.reward_func_names
         self.preference_funcs = self.scorer.preference_funcs
@@ -148,31 +168,9 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             module.requires_grad_(False)
             module.eval()
         set_seed(args.seed)  # the LoRA's random init follows args.seed, like everything else
-        transformer = self.adapter.transformer
-        self.ref_transformer = None
         self.is_lora = peft_config is not None
-        if self.is_lora:
-            if getattr(peft_config, "lora_dropout", 0.0):
-                logger.warning(
-                    "lora_dropout=%s: dropout makes training log-probs differ from sampling ones, so the first "
-                    "ratio is not exactly 1. Flow-GRPO uses lora_dropout=0.",
-                    peft_config.lora_dropout,
-                )
-            transformer.requires_grad_(False)
-            transformer.add_adapter(peft_config)
-            cast_training_params(transformer, dtype=torch.float32)  # train the adapter in float32 on a bf16 model
-        else:
-            transformer.requires_grad_(True)
-            if args.beta > 0:
-                self.ref_transformer = copy.deepcopy(transformer).requires_grad_(False).eval()
-        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
-            # transformers would call `gradient_checkpointing_enable()`, which diffusers models do not have: use
-            # diffusers' own, and hide the flag from transformers on a copy (the user's config stays as it was).
-            transformer.enable_gradient_checkpointing()
-            args = copy.copy(args)
-            args.gradient_checkpointing = False
-            if hasattr(args, "activation_checkpointing"):
-                args.activation_checkpointing = False
+        transformer = self.adapter.transformer
+        self.ref_transformer, args = _prepare_transformer(transformer, peft_config, args)
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._last_samples: tuple[list, list[str], list[float]] | None = None
