@@ -145,7 +145,9 @@ class RolloutBuffer:
 class CheckpointingMixin:
     """Save, resume, signal-time saves and Hub pushes of `FlowGRPOTrainer`: every private Trainer override.
 
-    Expects of the trainer: `adapter`, `is_lora`, `ema`, `rollout_buffer`, `_stop_on_signal` and `_any_process`.
+    Expects of the trainer: `adapter`, `is_lora`, `ema`, `rollout_buffer`, `_stop_on_signal` and `_any_process`; for
+    the model card `pipeline`, `guidance_scale`, `reward_funcs`, `reward_func_names`, `preference_funcs` and the class
+    attributes `_name`, `_paper` (a `hub.Paper`) and `_tag_names`.
     """
 
     # ------------------------------------------------------------------------------------------- training

@@ -311,11 +311,8 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         shown = scores.pointwise.rewards[local] if scores.pointwise is not None else advantages  # pref-only
         self._last_samples = (images, [row["prompt"] for row in rows], shown.tolist())
 
-        offsets = [0]
-        for s in samples:
-            offsets.append(offsets[-1] + len(s.batch))
-        for s, begin, end in zip(samples, offsets, offsets[1:]):
-            s.batch.advantages = advantages[begin:end]
+        for s, part in zip(samples, advantages.split([len(s.batch) for s in samples])):
+            s.batch.advantages = part
         return [s.batch for s in samples]
 
     # ----------------------------------------------------------------------------------------------- 2. loss
