@@ -395,7 +395,8 @@ def run_method(args: argparse.Namespace, method: str) -> Result:
                     torch.cuda.synchronize()
                 step_ends.append(time.perf_counter())
                 cpu_ends.append(time.process_time())
-                windows.append(list(trainer.sde_steps))
+                generation = (trainer.state.global_step - 1) // trainer.args.num_iterations  # the step just done
+                windows.append(trainer.sde_window.for_iteration(generation).steps)
                 for key in current:
                     counts[key].append(current[key])
                     current[key] = 0

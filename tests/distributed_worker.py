@@ -104,14 +104,14 @@ def main() -> None:
                 while trainer._stop_on_signal.received is None and time.monotonic() < deadline:
                     time.sleep(0.05)
         processed = generate(batches)
-        record["windows"].append(list(trainer.sde_steps))
+        record["windows"].append(list(processed[0].step_indices))
         for rows, mb in zip(batches, processed):
             record["micro_batches"].append(
                 {
                     "rows": [row["_row"] for row in rows],
-                    "advantages": mb["advantages"].tolist(),
-                    "noise": hashlib.sha256(mb["latents"][:, 0].numpy().tobytes()).hexdigest(),
-                    "first_noise": [hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in mb["latents"][:, 0]],
+                    "advantages": mb.advantages.tolist(),
+                    "noise": hashlib.sha256(mb.latents[:, 0].numpy().tobytes()).hexdigest(),
+                    "first_noise": [hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in mb.latents[:, 0]],
                 }
             )
         return processed

@@ -381,3 +381,58 @@ def test_base_model_id_from_name_or_path(tmp_path):
     assert hub_id_from_name_or_path(snapshot) == "a/b"
     assert hub_id_from_name_or_path(str(tmp_path)) is None  # a local folder is not a Hub id
     assert hub_id_from_name_or_path(None) is None
+
+
+def test_model_card_renders_from_the_packaged_template():
+    from importlib.resources import files
+
+    from trl_flow_grpo.hub import (
+        FLOW_GRPO,
+        MIXGRPO,
+        MODEL_CARD_TEMPLATE,
+        MetricChange,
+        RunSummary,
+        generate_model_card,
+    )
+
+    assert files("trl_flow_grpo").joinpath("templates", "model_card.md").is_file()
+    assert MODEL_CARD_TEMPLATE.is_file()
+    summary = RunSummary(
+        model_name="shapes-lora",
+        base_model=BASE_ID,
+        hub_model_id=REPO_ID,
+        is_lora=True,
+        tags=["trl", "flow-grpo", "trl"],
+        papers=[FLOW_GRPO, MIXGRPO],
+        reward_names=["jpeg_compressibility", "a|b"],
+        metric_rows=[MetricChange("`jpeg_compressibility`", "rewards/jpeg_compressibility/mean", -2.0, -1.5, 1, 9)],
+        hyperparameters=[("Optimizer steps", 9), ("Images sampled", 72), ("LoRA target modules", "to_q, to_k")],
+        sample_image="samples.png",
+        sample_caption="Evaluation samples (ODE sampler) at step 9, with their prompts and rewards.",
+        num_prompts=4,
+        inference={"num_inference_steps": 10, "guidance_scale": 4.5},
+        wandb_url="https://wandb.ai/someone/run",
+    )
+    text = str(generate_model_card(summary))
+    meta = card_metadata(text)
+    assert meta["tags"] == ["trl", "flow-grpo"] and meta["base_model_relation"] == "adapter"
+    assert "{%" not in text and "{{ " not in text  # every tag and variable of the template was rendered
+    assert "\n# shapes-lora\n\nA LoRA adapter for [someone/tiny-sd3](https://huggingface.co/someone/tiny-sd3)" in text
+    assert (
+        "with mixed ODE-SDE sampling (an SDE window) from [MixGRPO](https://huggingface.co/papers/2507.21802)" in text
+    )
+    assert "maximise the rewards `jpeg_compressibility`, `a|b` for 9 optimizer steps on 72 sampled images" in text
+    assert "Training logs: [Weights & Biases](https://wandb.ai/someone/run)." in text
+    assert "![Samples](samples.png)\n\n*Evaluation samples (ODE sampler) at step 9" in text
+    assert "| `jpeg_compressibility` | -2.0000 (step 1) | -1.5000 (step 9) | +0.5000 |" in text
+    assert "| LoRA target modules | to_q, to_k |" in text
+    assert 'pipe.load_lora_weights("user/repo")' in text
+    assert 'image = pipe("a photo of a cat", num_inference_steps=10, guidance_scale=4.5).images[0]' in text
+    assert (
+        text.index("## How to use")
+        < text.index("## Base model")
+        < text.index("## Rewards")
+        < text.index("## Citations")
+    )
+    assert "\n\n\n" not in text  # sections are separated by exactly one blank line
+    assert text.endswith("```\n")

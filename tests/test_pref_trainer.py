@@ -48,7 +48,7 @@ def capture_advantages(trainer) -> list[torch.Tensor]:
 
     def wrapped(batches):
         processed = generate(batches)
-        captured.append(torch.cat([mb["advantages"] for mb in processed]).cpu())
+        captured.append(torch.cat([mb.advantages for mb in processed]).cpu())
         return processed
 
     trainer._generate_and_score = wrapped

@@ -339,8 +339,8 @@ def test_trainer_trains_only_the_sliding_window_with_a_shared_prefix_and_a_flash
 
     def step_log_prob(adapter, model, cond, sigmas, step, *args, **kwargs):
         out = original(adapter, model, cond, sigmas, step, *args, **kwargs)
-        k = current["inputs"]["step_indices"].index(step)
-        calls.append((step, out[0].detach().clone(), current["inputs"]["log_probs"][:, k].clone()))
+        k = current["inputs"].step_indices.index(step)
+        calls.append((step, out[0].detach().clone(), current["inputs"].log_probs[:, k].clone()))
         return out
 
     def training_step(model, inputs, *rest, **kwargs):
@@ -357,7 +357,7 @@ def test_trainer_trains_only_the_sliding_window_with_a_shared_prefix_and_a_flash
     assert [step for step, _, _ in calls] == [0, 1, 0, 1, 1, 2, 1, 2]
     assert all(torch.equal(new, old) for _, new, old in calls)
     assert logged(trainer, "ratio/mean") == [1.0, 1.0]
-    assert trainer.sde_steps == [1, 2]
+    assert trainer.sde_window.for_iteration(1).steps == [1, 2]
     # Transformer forwards per generation batch (2 micro-batches of one group of 4 rows each):
     # it. 0: window 2 x 4 + tail (4 steps -> 2) x 4 = 16 per micro-batch;
     # it. 1: shared prefix 1 x 1 + window 2 x 4 + tail (3 steps -> 1) x 4 = 13 per micro-batch, 3 saved.

@@ -13,8 +13,9 @@ from PIL import Image
 
 from trl_flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
 from trl_flow_grpo import flow_grpo_trainer as trainer_module
-from trl_flow_grpo.flow_grpo_trainer import GroupSampler
+from trl_flow_grpo.data import GroupSampler
 from trl_flow_grpo.sampling import rollout
+from trl_flow_grpo.sampling import sampler as sampler_module
 from trl_flow_grpo.testing import make_tiny_sd3_pipeline, tiny_lora_config
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "one yellow star"]
@@ -94,7 +95,7 @@ def record_log_probs(monkeypatch, trainer) -> list[dict]:
             {
                 "step": trainer.state.global_step,
                 "inputs": inputs,
-                "stored": inputs["log_probs"].detach().clone(),
+                "stored": inputs.log_probs.detach().clone(),
                 "recomputed": [],
             }
         )
@@ -107,14 +108,14 @@ def record_log_probs(monkeypatch, trainer) -> list[dict]:
 def count_rollouts(monkeypatch) -> list[torch.Tensor]:
     """Record the initial noise of every `rollout` the trainer runs (one call per rollout micro-batch)."""
     calls: list[torch.Tensor] = []
-    original = trainer_module.rollout
+    original = sampler_module.rollout
 
     def wrapped(adapter, transformer, cond, sigmas, noise, **kwargs):
         trajectory = original(adapter, transformer, cond, sigmas, noise, **kwargs)
         calls.append(trajectory)
         return trajectory
 
-    monkeypatch.setattr(trainer_module, "rollout", wrapped)
+    monkeypatch.setattr(sampler_module, "rollout", wrapped)
     return calls
 
 

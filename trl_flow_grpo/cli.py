@@ -16,6 +16,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from .file_names import TRANSFORMER_FOLDER
+
 # The demo: the shipped pretrained shapes model (trl_flow_grpo.toy), its training-split prompts and the rule-based
 # GenEval-like reward, with the shapes recipe (trl_flow_grpo.toy.recipe.SHAPES_RECIPE), sized to finish in about
 # 2.5 minutes on 2 CPU cores, evaluations included.
@@ -446,7 +448,7 @@ def sample(argv: list[str]) -> None:
         pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, torch_dtype=dtype)
         extra = {}
     if args.lora is not None:
-        transformer_dir = os.path.join(args.lora, "transformer")
+        transformer_dir = os.path.join(args.lora, TRANSFORMER_FOLDER)
         if os.path.isdir(transformer_dir):  # a full fine-tuning output
             pipe.transformer = type(pipe.transformer).from_pretrained(transformer_dir, torch_dtype=dtype)
         else:

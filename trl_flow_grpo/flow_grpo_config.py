@@ -8,7 +8,7 @@ from transformers import TrainingArguments
 
 from .sampling.dpm import ODE_SOLVERS
 from .sampling.steps import SDE_TYPES
-from .sampling.windows import WINDOW_SCHEDULES, WINDOW_TYPES, default_window_range
+from .sampling.windows import WINDOW_SCHEDULES, WINDOW_TYPES, WindowSchedule, default_window_range, full_window
 
 KL_TYPES = ("mean", "velocity")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -413,11 +413,6 @@ class FlowGRPOConfig(TrainingArguments):
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}.")
         self._check_window()
-        if self.sde_window == "full" and self.num_sde_steps < 1:
-            raise ValueError(
-                f"num_inference_steps * timestep_fraction = {self.num_inference_steps} * {self.timestep_fraction} "
-                "rounds down to 0 SDE steps, so nothing would be trained. Raise either value."
-            )
         if self.noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {self.noise_level}.")
         if self.noise_level == 0:
@@ -469,7 +464,8 @@ class FlowGRPOConfig(TrainingArguments):
             )
 
     def _check_window(self) -> None:
-        """Validate the window and tail fields; fill in the defaults of `sde_window_size` and `sde_window_range`."""
+        """Fill in the defaults of `sde_window_size` and `sde_window_range`; the window rules are checked by the
+        schedule they describe (`sampling.WindowSchedule`)."""
         steps = self.num_inference_steps
         if self.sde_window == "full":
             for name in ("sde_window_size", "sde_window_range"):
@@ -482,37 +478,15 @@ class FlowGRPOConfig(TrainingArguments):
         else:
             if self.sde_window_size is None:
                 self.sde_window_size = 2 if self.sde_window == "random" else 4
-            if not 1 <= self.sde_window_size <= steps:
-                raise ValueError(
-                    f"sde_window_size={self.sde_window_size} must be between 1 and num_inference_steps={steps}. "
-                    f"Use e.g. sde_window_size={min(4, steps)}."
-                )
-            default_range = self.sde_window_range is None
-            if default_range:
+            if self.sde_window_range is None:
                 self.sde_window_range = list(default_window_range(self.sde_window, steps))
-            value = self.sde_window_range
-            if len(value) != 2 or not 0 <= value[0] < value[1] <= steps:
+            if len(self.sde_window_range) != 2:
                 raise ValueError(
-                    f"sde_window_range={value} must be [start, end) with 0 <= start < end <= num_inference_steps "
-                    f"({steps}), e.g. sde_window_range=[0, {max(steps - 2, 1)}]."
+                    f"sde_window_range={self.sde_window_range} must be two steps [start, end), e.g. "
+                    f"sde_window_range=[0, {max(steps - 2, 1)}]."
                 )
-            self.sde_window_range = [int(value[0]), int(value[1])]
-            start, end = self.sde_window_range
-            if start + self.sde_window_size > end:
-                raise ValueError(
-                    f"sde_window_size={self.sde_window_size} does not fit in sde_window_range=[{start}, {end}) "
-                    f"(num_inference_steps={steps}): lower sde_window_size to {end - start} or widen "
-                    f"sde_window_range, e.g. to [{start}, {min(start + self.sde_window_size, steps)}]."
-                    + (" (The default range depends on num_inference_steps.)" if default_range else "")
-                )
-        for name in ("sde_window_shift_interval", "sde_window_stride", "sde_window_min_shift_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.sde_window_decay_rate < 0 or self.sde_window_decay_threshold < 0:
-            raise ValueError(
-                f"sde_window_decay_rate ({self.sde_window_decay_rate}) and sde_window_decay_threshold "
-                f"({self.sde_window_decay_threshold}) must be >= 0."
-            )
+            self.sde_window_range = [int(value) for value in self.sde_window_range]
+        WindowSchedule.from_config(self)
         if not 0 < self.ode_compression <= 1:
             raise ValueError(
                 f"ode_compression must be in (0, 1] (1 keeps every ODE step after the window), got "
@@ -538,4 +512,4 @@ class FlowGRPOConfig(TrainingArguments):
         """Recorded (trained) SDE steps per rollout: the size of the SDE window."""
         if self.sde_window != "full":
             return self.sde_window_size
-        return math.floor(self.num_inference_steps * self.timestep_fraction + 1e-9)  # 100 * 0.29 is 28.999...
+        return full_window(self.num_inference_steps, self.timestep_fraction).size

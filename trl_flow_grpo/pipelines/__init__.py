@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from .base import Conditioning, PipelineAdapter, concat, select
+from .base import Conditioning, PipelineAdapter, select
 from .flux import FluxAdapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
@@ -27,7 +27,6 @@ __all__ = [
     "PipelineAdapter",
     "QwenImageAdapter",
     "SD3Adapter",
-    "concat",
     "get_adapter",
     "select",
 ]

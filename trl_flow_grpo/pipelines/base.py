@@ -23,11 +23,6 @@ def select(cond: Conditioning, index: torch.Tensor | slice | list[int]) -> Condi
     return {key: value[index] for key, value in cond.items()}
 
 
-def concat(conds: list[Conditioning]) -> Conditioning:
-    """Concatenate the conditioning of several batches along the batch dimension."""
-    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
-
-
 class PipelineAdapter(ABC):
     """What Flow-GRPO needs from a flow-matching text-to-image pipeline."""
 

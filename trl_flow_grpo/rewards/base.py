@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..toy.geneval import shapes_geneval
 from .compression import jpeg_compressibility, jpeg_incompressibility
 from .ocr import ocr_reward
 from .pickscore import pickscore_reward
@@ -40,6 +39,15 @@ __all__ = ["REWARD_FUNCS", "RewardFunc", "call_reward_funcs", "resolve_reward_fu
 
 RewardFunc = Callable[..., Any]
 """A reward function, sync or async (see the module docstring for the calling convention)."""
+
+
+def shapes_geneval(prompts: Sequence[str], images: Sequence[Any], **kwargs: Any) -> list[float]:
+    """The toy shapes world's GenEval-like reward, `trl_flow_grpo.toy.geneval.shapes_geneval`, imported when called:
+    the registry names the demo's reward without depending on the demo."""
+    from ..toy.geneval import shapes_geneval as reward
+
+    return reward(prompts=prompts, images=images, **kwargs)
+
 
 REWARD_FUNCS: dict[str, RewardFunc] = {
     "jpeg_compressibility": jpeg_compressibility,

@@ -1,7 +1,9 @@
-"""Sampling math: single steps, SDE windows and ODE tails (pure), and the rollout that drives a pipeline adapter."""
+"""Sampling math: single steps, SDE windows and ODE tails (pure), the rollout that drives a pipeline adapter, and
+`sample` (prompts + noise -> images + `RolloutBatch`), which training and evaluation share."""
 
 from .dpm import ODE_SOLVERS, compressed_schedule, dpm_solver_pp_2m_step, num_tail_steps, solve_ode
 from .rollout import Trajectory, rollout, step_log_prob
+from .sampler import Samples, sample
 from .steps import SDE_TYPES, ode_step, sde_step_with_logprob
 from .windows import WINDOW_SCHEDULES, WINDOW_TYPES, SDEWindow, WindowSchedule
 
@@ -11,6 +13,7 @@ __all__ = [
     "WINDOW_SCHEDULES",
     "WINDOW_TYPES",
     "SDEWindow",
+    "Samples",
     "Trajectory",
     "WindowSchedule",
     "compressed_schedule",
@@ -18,6 +21,7 @@ __all__ = [
     "num_tail_steps",
     "ode_step",
     "rollout",
+    "sample",
     "sde_step_with_logprob",
     "solve_ode",
     "step_log_prob",

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from .dpm import ODE_SOLVERS, compressed_schedule, solve_ode
 from .steps import ode_step, sde_step_with_logprob
@@ -72,7 +71,6 @@ def rollout(
     sde_type: str,
     guidance_scale: float,
     generator: torch.Generator | list[torch.Generator] | None = None,
-    progress: bool = False,
     ode_solver: str = "euler",
     ode_compression: float = 1.0,
     prefix_groups: Sequence[Hashable] | None = None,
@@ -114,7 +112,6 @@ def rollout(
     forwards_per_sample = adapter.forwards_per_sample(guidance_scale)
     calls = 0
     tail_sigmas = compressed_schedule(sigmas, tail_start, ode_compression)
-    bar = tqdm(total=tail_start + tail_sigmas.numel() - 1, desc="denoising", leave=False, disable=not progress)
 
     # 1. Prefix: deterministic Euler steps, once per group when the groups share their starting point.
     rows, prefix_x, prefix_cond, inverse = list(range(batch)), x, cond, None
@@ -136,7 +133,6 @@ def rollout(
         sigma = sigmas[i]
         v = adapter.velocity(transformer, prefix_x, sigma.expand(prefix_x.shape[0]), prefix_cond, guidance_scale)
         prefix_x = ode_step(v, prefix_x, sigma, sigmas[i + 1])
-        bar.update()
     calls += prefix_end * len(rows) * forwards_per_sample
     saved = prefix_end * (batch - len(rows)) * forwards_per_sample
     x = prefix_x[inverse] if inverse is not None else prefix_x
@@ -156,17 +152,14 @@ def rollout(
         else:
             x_next = ode_step(v, x, sigma, sigma_next)
         x = x_next
-        bar.update()
     calls += (tail_start - prefix_end) * batch * forwards_per_sample
 
     # 3. Tail: the ODE after the window, possibly on a compressed schedule with a higher-order solver.
     def velocity(latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        bar.update()
         return adapter.velocity(transformer, latents, sigma.expand(batch), cond, guidance_scale)
 
     x = solve_ode(velocity, x, tail_sigmas, ode_solver)
     calls += (tail_sigmas.numel() - 1) * batch * forwards_per_sample
-    bar.close()
 
     empty = x.new_zeros((batch, 0, *x.shape[1:]))
     return Trajectory(

@@ -19,9 +19,10 @@ Everything here is a pure function of its arguments (and of the iteration): noth
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
+
+from ..seeds import stable_seed
 
 __all__ = [
     "WINDOW_SCHEDULES",
@@ -85,10 +86,16 @@ def default_window_range(kind: str, num_steps: int) -> tuple[int, int]:
     return 0, num_steps
 
 
-def _hash_int(*parts: int) -> int:
-    """A 64-bit integer derived from several integers, the same on every process, platform and run."""
-    digest = hashlib.sha256(("window:" + ",".join(map(str, parts))).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+def _check_fits(size: int, range_start: int, range_end: int, num_steps: int | None = None) -> None:
+    """Raise unless a window of `size` steps fits in `[range_start, range_end)` (named as the config fields)."""
+    if range_start + size > range_end:
+        steps = f" (num_inference_steps={num_steps})" if num_steps is not None else ""
+        widened = min(range_start + size, num_steps) if num_steps is not None else range_start + size
+        raise ValueError(
+            f"sde_window_size={size} does not fit in sde_window_range=[{range_start}, {range_end}){steps}: lower "
+            f"sde_window_size to {range_end - range_start} or widen sde_window_range, e.g. to "
+            f"[{range_start}, {widened}]."
+        )
 
 
 def random_window_start(iteration: int, seed: int, size: int, range_start: int, range_end: int) -> int:
@@ -96,13 +103,9 @@ def random_window_start(iteration: int, seed: int, size: int, range_start: int, 
 
     The draw is a hash of ``(seed, iteration)``: identical for all members of a group and on every process.
     """
+    _check_fits(size, range_start, range_end)
     choices = range_end - size - range_start + 1
-    if choices < 1:
-        raise ValueError(
-            f"A window of {size} steps does not fit in the range [{range_start}, {range_end}): widen the range or "
-            "shrink the window."
-        )
-    return range_start + _hash_int(seed, iteration) % choices
+    return range_start + stable_seed(seed, iteration, namespace="window:", bits=64) % choices
 
 
 def sliding_window_positions(size: int, range_start: int, range_end: int, stride: int) -> list[int]:
@@ -111,12 +114,8 @@ def sliding_window_positions(size: int, range_start: int, range_end: int, stride
     The window always holds ``size`` steps: the last position is the last start with ``start + size <= range_end``
     (the reference code instead lets the window shrink, down to zero steps, near the end of its range).
     """
+    _check_fits(size, range_start, range_end)
     last = range_end - size
-    if last < range_start:
-        raise ValueError(
-            f"A window of {size} steps does not fit in the range [{range_start}, {range_end}): widen the range or "
-            "shrink the window."
-        )
     if stride < 1:
         raise ValueError(f"The stride of a sliding window must be >= 1, got {stride}.")
     return list(range(range_start, last + 1, stride))
@@ -223,29 +222,43 @@ class WindowSchedule:
     seed: int = 0
 
     def __post_init__(self):
+        """The one place the window rules are checked; the messages name the `FlowGRPOConfig` fields."""
         if self.kind not in WINDOW_TYPES:
-            raise ValueError(f"Unknown window {self.kind!r}; expected one of {', '.join(map(repr, WINDOW_TYPES))}.")
+            raise ValueError(
+                f"Unknown window {self.kind!r} (sde_window); expected one of {', '.join(map(repr, WINDOW_TYPES))}."
+            )
         if self.schedule not in WINDOW_SCHEDULES:
             raise ValueError(
-                f"Unknown schedule {self.schedule!r}; expected one of {', '.join(map(repr, WINDOW_SCHEDULES))}."
+                f"Unknown schedule {self.schedule!r} (sde_window_schedule); expected one of "
+                f"{', '.join(map(repr, WINDOW_SCHEDULES))}."
             )
+        steps = self.num_steps
         if self.range_end is None:
-            object.__setattr__(self, "range_end", default_window_range(self.kind, self.num_steps)[1])
-        if not 1 <= self.size <= self.num_steps:
-            raise ValueError(f"size must be in [1, num_steps={self.num_steps}], got {self.size}.")
-        if not 0 <= self.range_start < self.range_end <= self.num_steps:
+            object.__setattr__(self, "range_end", default_window_range(self.kind, steps)[1])
+        if self.kind == "full" and self.size < 1:
             raise ValueError(
-                f"The range [{self.range_start}, {self.range_end}) must satisfy 0 <= start < end <= "
-                f"num_steps={self.num_steps}."
+                f"The full window has {self.size} SDE steps: floor(num_inference_steps * timestep_fraction) with "
+                f"num_inference_steps={steps} rounds down to 0, so nothing would be trained. Raise either value."
             )
-        if self.kind != "full" and self.range_start + self.size > self.range_end:
+        if not 1 <= self.size <= steps:
             raise ValueError(
-                f"A window of {self.size} steps does not fit in the range [{self.range_start}, {self.range_end})."
+                f"sde_window_size={self.size} must be between 1 and num_inference_steps={steps}. Use e.g. "
+                f"sde_window_size={min(4, steps)}."
             )
-        if self.shift_interval < 1 or self.min_shift_interval < 1 or self.stride < 1:
+        if not 0 <= self.range_start < self.range_end <= steps:
             raise ValueError(
-                f"shift_interval ({self.shift_interval}), min_shift_interval ({self.min_shift_interval}) and stride "
-                f"({self.stride}) must be >= 1."
+                f"sde_window_range=[{self.range_start}, {self.range_end}] must be [start, end) with 0 <= start < end "
+                f"<= num_inference_steps ({steps}), e.g. sde_window_range=[0, {max(steps - 2, 1)}]."
+            )
+        if self.kind != "full":
+            _check_fits(self.size, self.range_start, self.range_end, steps)
+        for name in ("shift_interval", "stride", "min_shift_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sde_window_{name} must be >= 1, got {getattr(self, name)}.")
+        if self.decay_rate < 0 or self.decay_threshold < 0:
+            raise ValueError(
+                f"sde_window_decay_rate ({self.decay_rate}) and sde_window_decay_threshold ({self.decay_threshold}) "
+                "must be >= 0."
             )
 
     @classmethod
@@ -253,7 +266,8 @@ class WindowSchedule:
         """The schedule a ``FlowGRPOConfig`` describes (``args.seed`` seeds the random window)."""
         num_steps = args.num_inference_steps
         if args.sde_window == "full":
-            return cls("full", num_steps, full_window(num_steps, args.timestep_fraction).size, 0, num_steps)
+            size = full_window(num_steps, args.timestep_fraction).size
+            return cls("full", num_steps, size, 0, num_steps)
         range_start, range_end = args.sde_window_range or default_window_range(args.sde_window, num_steps)
         return cls(
             kind=args.sde_window,

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from ..testing import make_tiny_clip_tokenizer, make_tiny_t5_tokenizer
+from ..tiny_tokenizers import make_tiny_clip_tokenizer, make_tiny_t5_tokenizer
 from .shapes import all_captions, make_image_dataset
 
 IMAGE_SIZE = 32

@@ -1,0 +1,91 @@
+"""`sample`: prompts + initial noise -> images + the recorded trajectory, for training and for evaluation alike.
+
+Training samples with the SDE window of the iteration (`sde_steps`), its `noise_level` and the rollout guidance;
+evaluation passes no SDE step (a deterministic ODE sample) and the evaluation guidance. Everything else (prompt
+encoding, the rollout, decoding) is the same code.
+"""
+
+import contextlib
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+
+from ..rollout_batch import RolloutBatch
+from .rollout import rollout
+
+if TYPE_CHECKING:
+    from ..pipelines.base import PipelineAdapter
+
+
+@dataclass
+class Samples:
+    """The outcome of `sample` for one batch of prompts."""
+
+    images: list[Image.Image]
+    """The decoded images, one per prompt."""
+    batch: RolloutBatch
+    """The conditioning and the recorded SDE steps (no advantages yet)."""
+    transformer_calls: int = 0
+    """Transformer forward passes of the rollout, counted per sample (a CFG evaluation of a sample counts 2)."""
+    transformer_calls_saved: int = 0
+    """Forward passes the shared prefix saved (same unit)."""
+
+
+@torch.no_grad()
+def sample(
+    adapter: "PipelineAdapter",
+    transformer: torch.nn.Module,
+    prompts: list[str],
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    sde_steps: Sequence[int],
+    noise_level: float,
+    sde_type: str,
+    guidance_scale: float,
+    max_sequence_length: int,
+    generator: torch.Generator | None = None,
+    ode_solver: str = "euler",
+    ode_compression: float = 1.0,
+    prefix_groups: Sequence[Hashable] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Samples:
+    """Encode `prompts`, roll out from `noise` (B, *latent) over `sigmas`, and decode the final latents.
+
+    The keyword arguments are those of `sampling.rollout` (`sde_steps=[]` and `noise_level=0.0` give an ODE sample);
+    `autocast` is entered around the transformer calls (the trainer's `compute_loss_context_manager`).
+    """
+    device = noise.device
+    cond = adapter.encode_prompts(prompts, device, guidance_scale > 1, max_sequence_length)
+    with autocast():
+        trajectory = rollout(
+            adapter,
+            transformer,
+            cond,
+            sigmas,
+            noise,
+            sde_steps=sde_steps,
+            noise_level=noise_level,
+            sde_type=sde_type,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            ode_solver=ode_solver,
+            ode_compression=ode_compression,
+            prefix_groups=prefix_groups,
+        )
+    batch = RolloutBatch(
+        cond=cond,
+        latents=trajectory.latents,
+        next_latents=trajectory.next_latents,
+        log_probs=trajectory.log_probs,
+        step_indices=trajectory.step_indices,
+    )
+    return Samples(
+        images=adapter.decode(trajectory.final_latents),
+        batch=batch,
+        transformer_calls=trajectory.transformer_calls,
+        transformer_calls_saved=trajectory.transformer_calls_saved,
+    )

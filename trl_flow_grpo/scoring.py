@@ -1,0 +1,253 @@
+"""Scoring a generation batch: reward calls, gathering across processes, advantages, and Pref-GRPO's pairing protocol.
+
+`Scorer.score` turns this process's images (and the dataset rows they came from) into advantages for the whole
+gathered batch: group-relative advantages of the reward functions (`advantages.compute_advantages`), and with
+preference functions the win-rate advantages of pairs within each group, mixed at the advantage level. The math is
+in `advantages`; this module does the calls and the collective operations, which every process runs at the same
+point.
+"""
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from PIL import Image
+
+from .advantages import (
+    AdvantageOutput,
+    compute_advantages,
+    group_stats,
+    mix_advantages,
+    preference_pairs,
+    symmetric_preference,
+    win_rate_advantages,
+    win_rates,
+)
+from .flow_grpo_config import FlowGRPOConfig
+from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
+from .rewards.preferences import call_preference_funcs, preference_func_name, resolve_preference_func
+from .seeds import stable_seed
+
+__all__ = ["Scorer", "Scores"]
+
+
+def _as_list(funcs: Any) -> list:
+    if funcs is None:
+        return []
+    return list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
+
+
+def _columns(rows: list[dict], skip: tuple[str, ...] = ("prompt", "_row")) -> dict[str, list]:
+    """The dataset columns of `rows` other than `skip`, as the reward functions' keyword arguments."""
+    return {key: [row[key] for row in rows] for key in (rows[0] if rows else {}) if key not in skip}
+
+
+@dataclass
+class Scores:
+    """The scores of one generation batch, over every process (N samples, R reward functions)."""
+
+    advantages: torch.Tensor
+    """(N,): the advantage of each sample."""
+    rewards: torch.Tensor
+    """(N, R): each reward function's value (NaN: not applicable)."""
+    pointwise: AdvantageOutput | None
+    """The reward functions' advantages and weighted rewards; `None` with preference functions only."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Reward, advantage and preference statistics to log."""
+
+
+class Scorer:
+    """The reward and preference functions of a run, and how their outcomes become advantages.
+
+    Args:
+        reward_funcs: Reward functions or built-in names (see `trl_flow_grpo.rewards`).
+        preference_funcs: Pref-GRPO preference functions or built-in names (see `trl_flow_grpo.rewards.preferences`).
+        args: The run's configuration (weights, advantage options, preference options, seed).
+    """
+
+    def __init__(self, reward_funcs: Any, preference_funcs: Any, args: FlowGRPOConfig):
+        reward_funcs, preference_funcs = _as_list(reward_funcs), _as_list(preference_funcs)
+        if not reward_funcs and not preference_funcs:
+            raise ValueError(
+                "Pass at least one reward function (reward_funcs) or preference function (preference_funcs)."
+            )
+        self.args = args
+        self.preference_funcs = [
+            resolve_preference_func(f, temperature=args.preference_temperature, tie_margin=args.preference_tie_margin)
+            for f in preference_funcs
+        ]
+        self.preference_func_names = [preference_func_name(f) for f in self.preference_funcs]
+        if args.preference_weights is not None and len(args.preference_weights) != len(self.preference_funcs):
+            raise ValueError(
+                f"preference_weights has {len(args.preference_weights)} values but there are "
+                f"{len(self.preference_funcs)} preference functions ({', '.join(self.preference_func_names)})."
+            )
+        self.preference_weights = list(args.preference_weights or [1.0] * len(self.preference_funcs))
+        self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
+        self.reward_funcs: list[Callable] = [resolve_reward_func(f) for f in reward_funcs]
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} "
+                f"reward functions ({', '.join(self.reward_func_names)})."
+            )
+        self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs))
+
+    def score(
+        self,
+        images: list[Image.Image],
+        rows: list[dict],
+        accelerator: Accelerator,
+        generation: int,
+        trainer_state: Any,
+        dataset: Any,
+    ) -> Scores:
+        """Score this process's `images` (one per dataset row of `rows`, each with its `_row` group id).
+
+        A collective operation. `generation` seeds the preference pairs; `dataset` is the training dataset, whose rows
+        give the preference functions the prompt and columns of each pair.
+        """
+        args, device = self.args, accelerator.device
+        prompts = [row["prompt"] for row in rows]
+        start = time.perf_counter()
+        rewards = call_reward_funcs(self.reward_funcs, prompts, images, _columns(rows), trainer_state=trainer_state)
+        reward_time = time.perf_counter() - start
+
+        # Advantages need whole groups, which may span processes: gather, compute (every process the same).
+        rewards = rewards.to(device)
+        all_rows = accelerator.gather(torch.tensor([row["_row"] for row in rows], device=device))
+        all_rewards = accelerator.gather(rewards) if self.reward_funcs else rewards.new_zeros((len(all_rows), 0))
+        _, counts = torch.unique(all_rows, return_counts=True)
+        if not torch.all(counts == args.num_generations):
+            raise RuntimeError(f"Prompt groups are incomplete ({counts.tolist()}); this is a bug, please report it.")
+        metrics: dict[str, float] = {}
+        pointwise = None
+        if self.reward_funcs:
+            pointwise = compute_advantages(
+                all_rewards,
+                all_rows,
+                self.reward_weights.to(device),
+                scale_rewards=args.scale_rewards,
+                aggregation=args.multi_objective_aggregation,
+                adv_clip_max=args.adv_clip_max,
+            )
+            advantages = pointwise.advantages
+        if self.preference_funcs:
+            parts, metrics = self._preference_advantages(
+                images, all_rows, accelerator, generation, trainer_state, dataset
+            )
+            weights = list(self.preference_weights)
+            if pointwise is not None:
+                # The pointwise advantage carries the reward functions' total weight (normalize_then_sum already
+                # applied each weight), so that e.g. reward_weights=[0.4], preference_weights=[0.6] mixes 0.4 / 0.6.
+                parts.insert(0, pointwise.advantages.cpu())
+                summed = args.multi_objective_aggregation == "sum_then_normalize"
+                weights.insert(0, float(self.reward_weights.sum()) if summed else 1.0)
+            advantages = mix_advantages(parts, weights, args.adv_clip_max).to(device)
+        metrics.update(self._reward_metrics(all_rewards, pointwise, advantages))
+        metrics["time/reward_s"] = reward_time
+        return Scores(advantages=advantages, rewards=all_rewards, pointwise=pointwise, metrics=metrics)
+
+    def _reward_metrics(
+        self, rewards: torch.Tensor, pointwise: AdvantageOutput | None, advantages: torch.Tensor
+    ) -> dict[str, float]:
+        metrics = {}
+        for k, name in enumerate(self.reward_func_names):
+            finite = rewards[:, k][~torch.isnan(rewards[:, k])]
+            if finite.numel():  # a reward that applied to no sample of this batch has no mean to log
+                metrics[f"rewards/{name}/mean"] = finite.mean().item()
+                metrics[f"rewards/{name}/std"] = finite.std(unbiased=False).item()
+        if pointwise is not None:
+            metrics["reward"] = pointwise.rewards.mean().item()
+            metrics["reward_std"] = pointwise.group_std.mean().item()
+            metrics["frac_reward_zero_std"] = pointwise.frac_zero_std
+        metrics["advantages/abs_mean"] = advantages.abs().mean().item()
+        metrics["advantages/abs_max"] = advantages.abs().max().item()
+        return metrics
+
+    def _preference_advantages(
+        self,
+        images: list[Image.Image],
+        all_rows: torch.Tensor,
+        accelerator: Accelerator,
+        generation: int,
+        trainer_state: Any,
+        dataset: Any,
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Pref-GRPO: compare the images of each group in pairs and turn win rates into advantages, one vector (over
+        the whole gathered batch) per preference function, and the preference metrics.
+
+        Every process gets every image (gathered as uint8 pixels), builds the same pairs (seeded by the generation),
+        queries its share of them, and the verdicts are gathered back: groups split across processes are compared
+        whole, and the judging work is spread over the processes.
+        """
+        args = self.args
+        num_processes, rank = accelerator.num_processes, accelerator.process_index
+        pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
+        all_pixels = accelerator.gather(pixels.to(accelerator.device)).cpu()
+        group_ids = all_rows.cpu()
+        generator = torch.Generator().manual_seed(stable_seed(args.seed, generation, -2))
+        pairs = preference_pairs(group_ids, args.preference_num_opponents, generator)
+        queries = torch.cat([pairs, pairs.flip(1)]) if args.preference_symmetric else pairs
+        mine = queries[rank::num_processes]
+
+        pil: dict[int, Image.Image] = {}  # one object per image, so that judges can recognise repeats
+
+        def image(index: int) -> Image.Image:
+            if index not in pil:
+                pil[index] = Image.fromarray(all_pixels[index].numpy())
+            return pil[index]
+
+        dataset_rows = [dataset[int(group_ids[a])] for a in mine[:, 0].tolist()]
+        prompts = [row["prompt"] for row in dataset_rows]
+        num_funcs = len(self.preference_funcs)
+        local = torch.full((math.ceil(len(queries) / num_processes), num_funcs), math.nan)
+        seconds = [0.0] * num_funcs
+        if len(mine):
+            probs, seconds = call_preference_funcs(
+                self.preference_funcs,
+                prompts,
+                [image(a) for a in mine[:, 0].tolist()],
+                [image(b) for b in mine[:, 1].tolist()],
+                _columns(dataset_rows, skip=("prompt",)),
+                trainer_state=trainer_state,
+            )
+            local[: len(mine)] = probs
+        gathered = accelerator.gather(local.to(accelerator.device)).cpu().reshape(num_processes, -1, num_funcs)
+        probs = torch.empty(len(queries), num_funcs)
+        for r in range(num_processes):  # process r answered queries r, r + P, r + 2P, ...
+            probs[r::num_processes] = gathered[r, : len(queries[r::num_processes])]
+        if args.preference_symmetric:
+            probs = symmetric_preference(probs[: len(pairs)], probs[len(pairs) :])
+
+        parts, metrics = [], {"preferences/pairs": float(len(queries))}
+        for m, name in enumerate(self.preference_func_names):
+            rates = win_rates(len(group_ids), pairs, probs[:, m])
+            parts.append(win_rate_advantages(rates, group_ids))
+            _, rate_std = group_stats(rates, group_ids)
+            metrics[f"preferences/{name}/win_rate_mean"] = rates.mean().item()
+            metrics[f"preferences/{name}/win_rate_std"] = rate_std.mean().item()
+            metrics[f"preferences/{name}/tie_fraction"] = (probs[:, m] - 0.5).abs().lt(1e-6).float().mean().item()
+            metrics[f"preferences/{name}/latency_s"] = seconds[m]
+        return parts, metrics
+
+    def evaluate(
+        self, images: list[Image.Image], rows: list[dict], trainer_state: Any, prefix: str = "eval"
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """The mean of every reward over the evaluation samples of every process (a collective operation), and the
+        weighted reward of every gathered sample (for the sample grid)."""
+        prompts = [row["prompt"] for row in rows]
+        rewards = call_reward_funcs(self.reward_funcs, prompts, images, _columns(rows), trainer_state=trainer_state)
+        all_rewards = torch.tensor(gather_object(rewards.tolist()), dtype=torch.float32).reshape(
+            -1, len(self.reward_funcs)
+        )
+        weighted = torch.nansum(all_rewards * self.reward_weights, dim=1)
+        metrics = {f"{prefix}_reward": weighted.mean().item()}
+        for k, name in enumerate(self.reward_func_names):
+            metrics[f"{prefix}_rewards/{name}/mean"] = torch.nanmean(all_rewards[:, k]).item()
+        return metrics, weighted
