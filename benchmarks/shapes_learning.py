@@ -13,7 +13,7 @@ the change column is paired.
 
 `--set key=value` overrides a field of the recipe (the demo's, `trl_flow_grpo.toy.recipe.SHAPES_RECIPE`), e.g.
 `--set learning_rate=1e-4 --set beta=0.01`. Writes `results.json` (per seed: curve, before/after estimates,
-per-image scores) and `curve.png` to the output folder.
+per-image scores) and `curve.png` to the output folder; `--report DIR/results.json ...` prints finished runs' tables.
 """
 
 from __future__ import annotations
@@ -158,8 +158,33 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def report(paths: list[str]) -> None:
+    """Print the held-out tables of finished runs (one `results.json` each): the figures docs/toy_world.md quotes."""
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        print(f"== {path}: {', '.join(results['overrides']) or 'demo recipe'}")
+        for run in results["runs"]:
+            k = run["after"]["settings"]["images_per_prompt"]
+            print(
+                f"seed {run['seed']}: {run['optimizer_steps']} optimizer steps ({run['images']} images), "
+                f"{run['train_minutes']:.1f} min of training on {results['threads']} thread(s); {k} images per caption"
+            )
+            print(f"  {'':<24}{'before':>22}{'after':>22}{'change':>24}{'captions':>9}")
+            for key, change in run["change"].items():
+                b, a = run["before"]["estimates"][key], run["after"]["estimates"][key]
+                print(
+                    f"  {key:<24}{b['value']:>7.3f} [{b['low']:.3f},{b['high']:.3f}]"
+                    f"{a['value']:>7.3f} [{a['low']:.3f},{a['high']:.3f}]"
+                    f"{change['value']:>+8.3f} [{change['low']:+.3f},{change['high']:+.3f}]{change['num_prompts']:>9}"
+                )
+            curve = ", ".join(f"{p['step']}: {p['accuracy']:.3f}" for p in run["curve"])
+            print(f"  curve (step: accuracy, 2 images per caption): {curve}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report", nargs="+", default=None, help="Print the tables of finished runs' results.json.")
     parser.add_argument("--max_steps", type=int, default=150)
     parser.add_argument("--minutes", type=float, default=None, help="Training-time budget (evaluations excluded).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -171,6 +196,8 @@ def main() -> None:
     parser.add_argument("--output_dir", default="benchmarks/results/shapes_learning")
     parser.add_argument("--title", default=None)
     cli = parser.parse_args()
+    if cli.report:
+        return report(cli.report)
     os.makedirs(cli.output_dir, exist_ok=True)
     torch.set_num_threads(cli.threads)
     recipe = dict(SHAPES_RECIPE)
