@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import checkpoint_integrity, validation
 from .advantages import (
     compute_advantages,
     group_stats,
@@ -42,11 +43,12 @@ from .advantages import (
     win_rates,
 )
 from .ema import ParameterEMA
+from .finite import NonFiniteGuard, check_finite
 from .flow_grpo_config import FlowGRPOConfig
 from .hub import push_checkpoint_to_hub, push_model_to_hub, write_model_card
 from .interrupts import StopOnSignal, newest_complete_checkpoint
 from .pipelines import get_adapter
-from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
+from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name, with_timeout
 from .rewards.preferences import call_preference_funcs, preference_func_name, resolve_preference_func
 from .sampling import WindowSchedule, rollout, step_log_prob
 from .utils import image_grid, save_and_report_image
@@ -233,6 +235,8 @@ class FlowGRPOTrainer(Trainer):
         # --- inputs are validated before anything heavy happens ---
         if train_dataset is None:
             raise ValueError("FlowGRPOTrainer needs a train_dataset with a 'prompt' column.")
+        validation.check_dataset(train_dataset, "train_dataset")
+        validation.check_dataset(eval_dataset, "eval_dataset")
         _check_prompt_dataset(train_dataset, "train_dataset")
         _check_prompt_dataset(eval_dataset, "eval_dataset")
         prompts_per_batch = args.generation_batch_size // args.num_generations
@@ -258,6 +262,7 @@ class FlowGRPOTrainer(Trainer):
             for f in preference_funcs
         ]
         self.preference_func_names = [preference_func_name(f) for f in self.preference_funcs]
+        self.preference_func_names = validation.unique_names(self.preference_func_names, "preference function")
         if args.preference_weights is not None and len(args.preference_weights) != len(self.preference_funcs):
             raise ValueError(
                 f"preference_weights has {len(args.preference_weights)} values but there are "
@@ -266,12 +271,21 @@ class FlowGRPOTrainer(Trainer):
         self.preference_weights = list(args.preference_weights or [1.0] * len(self.preference_funcs))
         self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
         self.reward_funcs = [resolve_reward_func(f) for f in reward_funcs]
+        self.reward_func_names = validation.unique_names(self.reward_func_names, "reward function")
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} "
                 f"reward functions ({', '.join(self.reward_func_names)})."
             )
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs))
+        validation.check_weights(self.reward_weights.tolist(), self.reward_func_names, self.preference_weights)
+        self.reward_funcs = [
+            with_timeout(f, args.reward_timeout, n) for f, n in zip(self.reward_funcs, self.reward_func_names)
+        ]
+        self.preference_funcs = [
+            with_timeout(f, args.reward_timeout, n, "preference function")
+            for f, n in zip(self.preference_funcs, self.preference_func_names)
+        ]
 
         # --- pipeline ---
         if isinstance(model, str):
@@ -352,6 +366,8 @@ class FlowGRPOTrainer(Trainer):
             self.add_callback(_OnStepEnd(self.ema.update))
         self._buffer_after_step: tuple[list[dict] | None, int] = (None, 0)  # for checkpoints written mid-step
         self.add_callback(_OnStepEnd(self._mark_buffer))
+        self._nonfinite = NonFiniteGuard(lambda: self.accelerator.unwrap_model(self.model).named_parameters())
+        self.add_callback(self._nonfinite)  # before StopOnSignal: it raises while the weights hold the last step
         self._stop_on_signal = StopOnSignal(
             save_now=self._save_checkpoint_now,
             any_process=lambda flag: bool(self._gather_flag(flag).any()),
@@ -370,6 +386,8 @@ class FlowGRPOTrainer(Trainer):
         `trainer_state.json`, which is written last)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            self._verify_checkpoint(resume_from_checkpoint)
         with self._stop_on_signal.installed():
             try:
                 output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
@@ -407,6 +425,17 @@ class FlowGRPOTrainer(Trainer):
         self._save_optimizer_and_scheduler(folder)
         self._save_rng_state(folder)
         self.state.save_to_json(os.path.join(folder, TRAINER_STATE_NAME))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)  # the last file before trainer_state.json: record the checksums now
+        if self.args.should_save and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            checkpoint_integrity.write_manifest(output_dir)
+
+    def _verify_checkpoint(self, folder: str) -> None:
+        """Missing optimizer / scheduler state, or files that differ from their recorded checksums: an error."""
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.save_only_model
+        allow = self.args.resume_allow_damaged_checkpoint
+        checkpoint_integrity.verify_checkpoint(folder, allow_damaged=allow, require_optimizer=not sharded)
 
     def _gather_flag(self, flag: bool) -> torch.Tensor:
         """Every process's `flag` (a collective operation: all processes must call it at the same point)."""
@@ -543,6 +572,7 @@ class FlowGRPOTrainer(Trainer):
                 summed = args.multi_objective_aggregation == "sum_then_normalize"
                 weights.insert(0, float(self.reward_weights.sum()) if summed else 1.0)
             all_advantages = mix_advantages(parts, weights, args.adv_clip_max).to(device)
+        check_finite(all_advantages, "advantages", self.state.global_step, "Check the rewards' scale.")
         local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
         advantages = all_advantages[local]
 
@@ -676,6 +706,7 @@ class FlowGRPOTrainer(Trainer):
                     loss = self._step_loss(model, inputs, k, step)
                 self.accelerator.backward(loss / scale)
             total += loss.detach()
+        self._nonfinite.observe_loss(total)
         return total / scale
 
     def _step_loss(self, model: torch.nn.Module, inputs: dict, k: int, step: int) -> torch.Tensor:
