@@ -25,6 +25,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .validation import redact
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """The file diffusers' `load_lora_weights` looks for in a folder or Hub repo."""
 TRANSFORMER_FOLDER = "transformer"
@@ -602,11 +604,14 @@ def _hf_api() -> Any:
 
 
 def redacted_args(args: Any) -> Any:
-    """A shallow copy of `args` with every `*_token` field set to `None` (safe to pickle into a public repo)."""
+    """A shallow copy of `args` with every `*_token` field set to `None` and secrets in `model_init_kwargs` redacted
+    (safe to pickle into a public repo)."""
     safe = copy.copy(args)
     for field in dataclasses.fields(args):
         if field.name.endswith("_token") and getattr(safe, field.name, None) is not None:
             setattr(safe, field.name, None)
+    if isinstance(getattr(safe, "model_init_kwargs", None), dict):  # e.g. {"token": ...} for a gated model
+        safe.model_init_kwargs = redact(safe.model_init_kwargs)
     return safe
 
 
