@@ -230,6 +230,17 @@ def test_timeouts_leave_fast_functions_and_their_keywords_alone():
     assert rewards.tolist() == [[0.25, 0.75]]
 
 
+def test_reward_timeout_stops_training_naming_the_reward(tmp_path):
+    def hangs(images, **kwargs):
+        time.sleep(5)
+        return [0.0] * len(images)
+
+    trainer = make_trainer(tmp_path, reward=hangs, max_steps=1, save_strategy="no", reward_timeout=0.5)
+    assert trainer.reward_func_names == ["hangs"]
+    with pytest.raises(TimeoutError, match=r"reward function 'hangs' did not return within reward_timeout=0.5 s"):
+        trainer.train()
+
+
 # --------------------------------------------------------------------------------------------- hostile judge server
 
 
