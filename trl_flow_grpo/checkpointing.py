@@ -29,7 +29,7 @@ from torch.utils.data import Sampler
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import hub
+from . import checkpoint_integrity, hub
 from .data import GroupSampler
 from .file_names import EMA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, ROLLOUT_BUFFER_NAME, TRANSFORMER_FOLDER
 from .interrupts import newest_complete_checkpoint
@@ -46,11 +46,11 @@ PRIVATE_TRAINER_OVERRIDES: dict[str, tuple[str, ...]] = {
     "_load_optimizer_and_scheduler": ("self", "checkpoint"),
     "_save_checkpoint": ("self", "model", "trial"),
     "_push_from_checkpoint": ("self", "checkpoint_folder"),
+    "_save_rng_state": ("self", "output_dir"),
 }
 """The private `transformers.Trainer` methods `CheckpointingMixin` overrides, with the parameters it expects."""
 
 PRIVATE_TRAINER_CALLS: dict[str, tuple[str, ...]] = {
-    "_save_rng_state": ("self", "output_dir"),
     "_finish_current_push": ("self",),
 }
 """The private `transformers.Trainer` methods it calls, with the parameters it passes."""
@@ -161,6 +161,8 @@ class CheckpointingMixin:
         `trainer_state.json`, which is written last)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint:
+            self._verify_checkpoint(resume_from_checkpoint)
         with self._stop_on_signal.installed():
             try:
                 output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
@@ -176,6 +178,17 @@ class CheckpointingMixin:
             cause = signal.Signals(received).name if received is not None else "another process was signalled"
             raise KeyboardInterrupt(f"{cause}: stopped after step {self._stop_on_signal.stopped_at}")
         return output
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)  # the last file before trainer_state.json: record the checksums now
+        if self.args.should_save and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            checkpoint_integrity.write_manifest(output_dir)
+
+    def _verify_checkpoint(self, folder: str) -> None:
+        """Missing optimizer / scheduler state, or files that differ from their recorded checksums: an error."""
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.save_only_model
+        allow = self.args.resume_allow_damaged_checkpoint
+        checkpoint_integrity.verify_checkpoint(folder, allow_damaged=allow, require_optimizer=not sharded)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset

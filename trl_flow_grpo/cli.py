@@ -122,6 +122,36 @@ def _parser(demo: bool):
     return parser
 
 
+def _check_flags(parser, argv: list[str]) -> None:
+    """A misspelt `--flag` is an error that suggests the nearest right one (argparse only lists it)."""
+    from .validation import suggest_flags
+
+    known = [option[2:] for option in parser._option_string_actions if option.startswith("--")]
+    unknown = [arg for arg in argv if arg.startswith("--") and arg.split("=", 1)[0][2:] not in known]
+    hints = suggest_flags(unknown, known)
+    if hints:
+        raise SystemExit(f"{parser.prog}: unrecognized arguments: {' '.join(unknown)}\n{hints}")
+
+
+def _check_lora(lora: str) -> None:
+    """`sample --lora`: a local path must exist and hold a LoRA file or a `transformer/` folder."""
+    if os.path.isdir(lora):
+        if not os.path.isdir(os.path.join(lora, "transformer")) and not any(
+            name.endswith(".safetensors") for name in os.listdir(lora)
+        ):
+            raise SystemExit(
+                f"trl-flow-grpo sample: --lora {lora} has no pytorch_lora_weights.safetensors and no transformer/ "
+                "folder; pass the output_dir (or a checkpoint-<step> folder) of a FlowGRPOTrainer run."
+            )
+        return
+    looks_local = os.path.isabs(lora) or lora.startswith((".", "~")) or lora.count("/") != 1 or os.path.exists(lora)
+    if looks_local:
+        raise SystemExit(
+            f"trl-flow-grpo sample: --lora {lora}: no such folder (a Hub repo id has the form 'user/repo'). Pass the "
+            "output_dir of a FlowGRPOTrainer run, a checkpoint-<step> folder in it, or the Hub repo it was pushed to."
+        )
+
+
 def _load_datasets(script_args: TrainScriptArguments):
     from datasets import Dataset, load_dataset
 
@@ -221,6 +251,7 @@ def _demo_evaluation(trainer, images_per_prompt: int):
 
 def train(argv: list[str]) -> None:
     """`trl-flow-grpo train`: parse, load, train, evaluate before and after, save."""
+    _check_flags(_parser(demo=False), argv)
     script_args, _ = _parser(demo=False).parse_args_and_config(argv)
     demo = script_args.model_name_or_path is None
     if demo:
@@ -417,7 +448,11 @@ def sample(argv: list[str]) -> None:
     """`trl-flow-grpo sample`: base pipeline (+ LoRA) -> one image grid with the prompts as captions."""
     from trl import TrlParser
 
-    (args,) = TrlParser((SampleArguments,), prog="trl-flow-grpo sample").parse_args_and_config(argv)
+    parser = TrlParser((SampleArguments,), prog="trl-flow-grpo sample")
+    _check_flags(parser, argv)
+    (args,) = parser.parse_args_and_config(argv)
+    if args.lora is not None:
+        _check_lora(args.lora)
     prompts = list(args.prompts)
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as f:

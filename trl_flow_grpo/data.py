@@ -5,6 +5,8 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from .validation import check_dataset
+
 __all__ = ["GroupSampler", "RowIndexed", "check_prompt_dataset", "check_train_dataset"]
 
 
@@ -12,6 +14,7 @@ def check_prompt_dataset(dataset: Any, name: str) -> None:
     """Raise if `dataset` (when given) has no `prompt` column or no rows; `name` is the argument it came from."""
     if dataset is None:
         return
+    check_dataset(dataset, name)  # the type (no IterableDataset, list or dict) and every prompt a string
     columns = getattr(dataset, "column_names", None)
     if columns is None:
         columns = list(dataset[0].keys()) if len(dataset) else []

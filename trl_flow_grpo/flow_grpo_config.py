@@ -1,7 +1,7 @@
 """FlowGRPOConfig: every knob of Flow-GRPO training, documented and validated."""
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import TrainingArguments
@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 from .sampling.dpm import ODE_SOLVERS
 from .sampling.steps import SDE_TYPES
 from .sampling.windows import WINDOW_SCHEDULES, WINDOW_TYPES, WindowSchedule, default_window_range, full_window
+from .validation import REDACTED, check_config, redact
 
 KL_TYPES = ("mean", "velocity")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -147,6 +148,10 @@ class FlowGRPOConfig(TrainingArguments):
         multi_objective_aggregation (`str`, *optional*, defaults to `"sum_then_normalize"`):
             With several reward functions: weighted sum of the raw rewards then normalise (`"sum_then_normalize"`),
             or normalise each reward within its group then weighted sum (`"normalize_then_sum"`).
+        reward_timeout (`float`, *optional*):
+            Seconds a reward or preference function (sync or async) may take on one batch before training stops with
+            an error naming the function and the time it took. Unset: no limit. A sync function that times out keeps
+            running in its thread until it returns (Python cannot stop it), so the process should then exit.
         ema_decay (`float`, *optional*):
             Keep an exponential moving average of the trained weights with decay `min((1 + n) / (10 + n),
             ema_decay)` after the n-th optimizer step (Flow-GRPO uses 0.9), and use it for `evaluate()` and the
@@ -172,6 +177,14 @@ class FlowGRPOConfig(TrainingArguments):
         preference_tie_margin (`float`, *optional*, defaults to `0.0`):
             For preference functions named by a built-in reward: score differences of at most this much are ties
             (`p = 0.5`), so that near-identical images get no advantage.
+
+        > Parameters that control checkpoints
+
+        resume_allow_damaged_checkpoint (`bool`, *optional*, defaults to `False`):
+            Resuming verifies the checkpoint against the checksums recorded when it was saved
+            (`checkpoint_manifest.json`) and requires its optimizer and scheduler state; a missing, truncated or
+            changed file is an error naming it. With `True` such a checkpoint is resumed with a warning per file
+            (a missing optimizer or scheduler then starts fresh).
 
         > Parameters that control logging
 
@@ -328,6 +341,11 @@ class FlowGRPOConfig(TrainingArguments):
         },
     )
 
+    reward_timeout: float | None = field(
+        default=None,
+        metadata={"help": "Seconds a reward / preference function may take per batch before an error; unset: none."},
+    )
+
     ema_decay: float | None = field(
         default=None,
         metadata={"help": "EMA of the trained weights (used for eval and export) with this decay; unset: none."},
@@ -348,6 +366,15 @@ class FlowGRPOConfig(TrainingArguments):
     )
     preference_tie_margin: float = field(
         default=0.0, metadata={"help": "Reward-named preferences: score differences up to this are ties."}
+    )
+
+    # --- checkpoints ---
+    resume_allow_damaged_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint with missing, truncated or changed files (a warning per file) instead "
+            "of failing."
+        },
     )
 
     # --- logging ---
@@ -385,6 +412,7 @@ class FlowGRPOConfig(TrainingArguments):
 
             self.bf16 = not self.fp16 and torch.cuda.is_available()
         super().__post_init__()
+        check_config(self)
 
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
         if isinstance(self.scale_rewards, str):
@@ -462,6 +490,23 @@ class FlowGRPOConfig(TrainingArguments):
                 f"({self.num_generations}) so that every prompt gets a whole group. Change one of these fields, e.g. "
                 f"gradient_accumulation_steps={self._suggest_accumulation()}."
             )
+
+    def __str__(self) -> str:
+        """Every field, with `*_token` fields and secrets in `model_init_kwargs` (keys such as `token`) redacted."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        shown = {
+            name: (REDACTED if value is not None else None) if name.endswith("_token") else redact(value)
+            for name, value in values.items()
+        }
+        lines = "".join(f"{name}={value!r},\n" for name, value in sorted(shown.items()))
+        return f"{type(self).__name__}(\n{lines})"
+
+    __repr__ = __str__
+
+    def to_dict(self) -> dict[str, Any]:
+        """`TrainingArguments.to_dict` (tokens redacted), with secrets in `model_init_kwargs` redacted too: this is
+        what trackers and saved JSON configs get."""
+        return {name: redact(value) for name, value in super().to_dict().items()}
 
     def _check_window(self) -> None:
         """Fill in the defaults of `sde_window_size` and `sde_window_range`; the window rules are checked by the

@@ -31,6 +31,7 @@ from . import hub
 from .checkpointing import CheckpointingMixin, RolloutBuffer
 from .data import RowIndexed, check_prompt_dataset, check_train_dataset
 from .ema import ParameterEMA
+from .finite import NonFiniteGuard
 from .flow_grpo_config import FlowGRPOConfig
 from .interrupts import StopOnSignal
 from .pipelines import get_adapter
@@ -200,6 +201,8 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             self.ema = ParameterEMA(trained, max_decay=args.ema_decay)
             self.add_callback(_OnStepEnd(self.ema.update))
         self.add_callback(_OnStepEnd(self.rollout_buffer.mark_step_end))
+        self._nonfinite = NonFiniteGuard(lambda: self.accelerator.unwrap_model(self.model).named_parameters())
+        self.add_callback(self._nonfinite)  # before StopOnSignal: it raises while the weights hold the last step
         self._stop_on_signal = StopOnSignal(
             save_now=self._save_checkpoint_now,
             any_process=self._any_process,
@@ -336,6 +339,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                     loss = self._step_loss(model, inputs, k, step)
                 self.accelerator.backward(loss / scale)
             total += loss.detach()
+        self._nonfinite.observe_loss(total)
         return total / scale
 
     def _step_loss(self, model: torch.nn.Module, inputs: RolloutBatch, k: int, step: int) -> torch.Tensor:

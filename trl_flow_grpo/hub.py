@@ -25,6 +25,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from .file_names import LORA_WEIGHTS_NAME, SAMPLES_NAME, TRAINING_ARGS_NAME, TRANSFORMER_FOLDER
+from .validation import redact
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 """The Jinja template of the model card, shipped in the package."""
@@ -467,11 +468,14 @@ def hf_api() -> Any:
 
 
 def redacted_args(args: Any) -> Any:
-    """A shallow copy of `args` with every `*_token` field set to `None` (safe to pickle into a public repo)."""
+    """A shallow copy of `args` with every `*_token` field set to `None` and secrets in `model_init_kwargs` redacted
+    (safe to pickle into a public repo)."""
     safe = copy.copy(args)
     for field_ in dataclasses.fields(args):
         if field_.name.endswith("_token") and getattr(safe, field_.name, None) is not None:
             setattr(safe, field_.name, None)
+    if isinstance(getattr(safe, "model_init_kwargs", None), dict):  # e.g. {"token": ...} for a gated model
+        safe.model_init_kwargs = redact(safe.model_init_kwargs)
     return safe
 
 

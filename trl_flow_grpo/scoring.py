@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from PIL import Image
 
+from . import validation
 from .advantages import (
     AdvantageOutput,
     compute_advantages,
@@ -29,8 +30,9 @@ from .advantages import (
     win_rate_advantages,
     win_rates,
 )
+from .finite import check_finite
 from .flow_grpo_config import FlowGRPOConfig
-from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name
+from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name, with_timeout
 from .rewards.preferences import call_preference_funcs, preference_func_name, resolve_preference_func
 from .seeds import stable_seed
 
@@ -83,6 +85,7 @@ class Scorer:
             for f in preference_funcs
         ]
         self.preference_func_names = [preference_func_name(f) for f in self.preference_funcs]
+        self.preference_func_names = validation.unique_names(self.preference_func_names, "preference function")
         if args.preference_weights is not None and len(args.preference_weights) != len(self.preference_funcs):
             raise ValueError(
                 f"preference_weights has {len(args.preference_weights)} values but there are "
@@ -91,12 +94,21 @@ class Scorer:
         self.preference_weights = list(args.preference_weights or [1.0] * len(self.preference_funcs))
         self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
         self.reward_funcs: list[Callable] = [resolve_reward_func(f) for f in reward_funcs]
+        self.reward_func_names = validation.unique_names(self.reward_func_names, "reward function")
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} "
                 f"reward functions ({', '.join(self.reward_func_names)})."
             )
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs))
+        validation.check_weights(self.reward_weights.tolist(), self.reward_func_names, self.preference_weights)
+        self.reward_funcs = [
+            with_timeout(f, args.reward_timeout, n) for f, n in zip(self.reward_funcs, self.reward_func_names)
+        ]
+        self.preference_funcs = [
+            with_timeout(f, args.reward_timeout, n, "preference function")
+            for f, n in zip(self.preference_funcs, self.preference_func_names)
+        ]
 
     def score(
         self,
@@ -149,6 +161,7 @@ class Scorer:
                 summed = args.multi_objective_aggregation == "sum_then_normalize"
                 weights.insert(0, float(self.reward_weights.sum()) if summed else 1.0)
             advantages = mix_advantages(parts, weights, args.adv_clip_max).to(device)
+        check_finite(advantages, "advantages", trainer_state.global_step, "Check the rewards' scale.")
         metrics.update(self._reward_metrics(all_rewards, pointwise, advantages))
         metrics["time/reward_s"] = reward_time
         return Scores(advantages=advantages, rewards=all_rewards, pointwise=pointwise, metrics=metrics)

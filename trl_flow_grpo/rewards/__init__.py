@@ -10,7 +10,7 @@ Pref-GRPO's preference functions compare two images of one prompt and return P(i
 `trl_flow_grpo.rewards.judge` (vision-language judges, local or behind an OpenAI-compatible server).
 """
 
-from .base import REWARD_FUNCS, RewardFunc, call_reward_funcs, resolve_reward_func, reward_func_name
+from .base import REWARD_FUNCS, RewardFunc, call_reward_funcs, resolve_reward_func, reward_func_name, with_timeout
 from .compression import jpeg_compressibility, jpeg_incompressibility
 from .judge import (
     DEFAULT_JUDGE_MODEL_ID,
@@ -32,6 +32,7 @@ from .preferences import (
 )
 
 __all__ = [
+    "with_timeout",
     "DEFAULT_JUDGE_MODEL_ID",
     "JUDGE_PROMPT_TEMPLATE",
     "PREFERENCE_FUNCS",

@@ -22,6 +22,7 @@ import importlib
 import inspect
 import math
 import numbers
+import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -35,7 +36,14 @@ from .compression import jpeg_compressibility, jpeg_incompressibility
 from .ocr import ocr_reward
 from .pickscore import pickscore_reward
 
-__all__ = ["REWARD_FUNCS", "RewardFunc", "call_reward_funcs", "resolve_reward_func", "reward_func_name"]
+__all__ = [
+    "REWARD_FUNCS",
+    "RewardFunc",
+    "call_reward_funcs",
+    "resolve_reward_func",
+    "reward_func_name",
+    "with_timeout",
+]
 
 RewardFunc = Callable[..., Any]
 """A reward function, sync or async (see the module docstring for the calling convention)."""
@@ -347,7 +355,69 @@ def _call_funcs(
     for j, column in enumerate(values):
         if count:
             stacked[:, j] = torch.tensor(column, dtype=torch.float64).to(torch.float32)
+            overflow = torch.isinf(stacked[:, j]).nonzero().flatten().tolist()
+            if overflow:  # finite as a Python float, inf in the float32 the trainer computes with
+                raise ValueError(
+                    f"{kind} {names[j]!r} returned {column[overflow[0]]} for {unit} {overflow[0]}, which overflows "
+                    f"float32 (largest finite value 3.4e38) to inf ({len(overflow)} {unit}(s)). Scale the values down."
+                )
     return stacked, seconds
+
+
+def _timeout_error(kind: str, name: str, seconds: float, elapsed: float) -> TimeoutError:
+    return TimeoutError(
+        f"{kind} {name!r} did not return within reward_timeout={seconds:g} s (stopped waiting after {elapsed:.1f} s). "
+        "Make it faster (smaller batches, a timeout on its own requests) or raise reward_timeout."
+    )
+
+
+def with_timeout(func: RewardFunc, seconds: float | None, name: str, kind: str = "reward function") -> RewardFunc:
+    """`func` with a limit of `seconds` per call (unchanged when `seconds` is None); the wrapper is named `name`.
+
+    An async function is cancelled after `seconds` (`asyncio.wait_for`); a sync one runs in a daemon thread, which
+    keeps running after the timeout (Python cannot stop a thread), so the error should end the process. Either way a
+    `TimeoutError` names the function and the time waited.
+    """
+    if seconds is None:
+        return func
+
+    async def wait(awaitable: Awaitable[Any], budget: float, start: float) -> Any:
+        try:
+            return await asyncio.wait_for(awaitable, max(budget, 0.0))
+        except asyncio.TimeoutError:
+            raise _timeout_error(kind, name, seconds, time.perf_counter() - start) from None
+
+    if _is_async(func):
+
+        async def limited(**kwargs: Any) -> Any:
+            return await wait(func(**kwargs), seconds, time.perf_counter())
+
+    else:
+
+        def limited(**kwargs: Any) -> Any:
+            start, box = time.perf_counter(), {}
+
+            def run() -> None:
+                try:
+                    box["result"] = func(**kwargs)
+                except BaseException as error:  # re-raised in the caller's thread
+                    box["error"] = error
+
+            thread = threading.Thread(target=run, name=f"{kind} {name}", daemon=True)
+            thread.start()
+            thread.join(seconds)
+            if thread.is_alive():
+                raise _timeout_error(kind, name, seconds, time.perf_counter() - start)
+            if "error" in box:
+                raise box["error"]
+            result = box["result"]
+            if inspect.isawaitable(result):  # the awaitable shares the same time budget
+                return wait(result, seconds - (time.perf_counter() - start), start)
+            return result
+
+    limited.__name__ = limited.__qualname__ = name
+    limited.__wrapped__ = func  # inspect.signature (keyword selection) sees the function's own parameters
+    return limited
 
 
 def _warn_all_none(rewards: torch.Tensor, prompts: list[str]) -> None:

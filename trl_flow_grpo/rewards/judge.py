@@ -24,6 +24,7 @@ import base64
 import http.client
 import io
 import json
+import logging
 import math
 import numbers
 import os
@@ -86,6 +87,8 @@ The example only illustrates the format; base your evaluation on the given capti
 
 _VERDICT_PATTERN = re.compile(r"image\s*([12])\s*is\s+(?:the\s+)?better", re.IGNORECASE)
 _ANSWER_PATTERN = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.IGNORECASE | re.DOTALL)
+logger = logging.getLogger(__name__)
+
 _MAX_ERROR_BODY_CHARS = 500
 _RETRYABLE_HTTP_STATUS = 429
 
@@ -148,6 +151,35 @@ def _check_pairs(prompts: Sequence[str], images_a: Sequence[Any], images_b: Sequ
             f"got {len(prompts)} prompts, {len(images_a)} images_a and {len(images_b)} images_b; a preference "
             "function needs exactly one prompt and one image on each side per pair"
         )
+
+
+def _warn_no_verdict(judge: Any, completions: Sequence[str | None], num_unparsed: int) -> None:
+    """One line when no reply of a call held a verdict: every pair is then a tie and the call trains nothing."""
+    if not completions or num_unparsed < len(completions):
+        return
+    empty = sum(not text for text in completions)
+    reason = f", {empty} with no content (content: null or empty)" if empty else ""
+    logger.warning(
+        '%r: none of the %d replies held a verdict ("Image 1/2 is better")%s, so every pair is a tie and this '
+        "step gets no preference signal. Raise max_tokens (thinking judges answer last) or check the served model "
+        "and its chat template.",
+        judge,
+        len(completions),
+        reason,
+    )
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuses redirects: following one would send the request, and its `Authorization` header, to another address."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise JudgeRequestError(
+            f"the judge server at {req.full_url} answered HTTP {code}, a redirect to {newurl}; redirects are not "
+            "followed (the API key would be sent there). Set base_url to the address that serves the API."
+        )
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def _check_positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
@@ -308,6 +340,7 @@ class TransformersJudge:
         verdicts = [_parse_verdict_or_none(text) for text in completions]
         self.last_completions = completions
         self.last_num_unparsed = sum(verdict is None for verdict in verdicts)
+        _warn_no_verdict(self, completions, self.last_num_unparsed)
         return [0.5 if verdict is None else verdict for verdict in verdicts]
 
 
@@ -438,7 +471,7 @@ class OpenAIJudge:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as error:
             try:
@@ -461,7 +494,7 @@ class OpenAIJudge:
                 f"the judge server at {self.url} did not answer with a chat completion "
                 f"(expected JSON with choices[0].message.content); got: {snippet!r}"
             ) from None
-        return content if isinstance(content, str) else ""  # no content (e.g. cut off): no verdict
+        return content if isinstance(content, str) else ""  # content: null (a refusal, a tool call): no verdict
 
     async def _request(
         self, body: bytes, semaphore: asyncio.Semaphore, executor: ThreadPoolExecutor
@@ -526,6 +559,7 @@ class OpenAIJudge:
         self.last_latencies = [latency for _, latency in results]
         self.last_completions = completions
         self.last_num_unparsed = sum(verdict is None for verdict in verdicts)
+        _warn_no_verdict(self, completions, self.last_num_unparsed)
         return [0.5 if verdict is None else verdict for verdict in verdicts]
 
 
