@@ -158,12 +158,15 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def report(paths: list[str]) -> None:
-    """Print the held-out tables of finished runs (one `results.json` each): the figures docs/toy_world.md quotes."""
+def report(paths: list[str], plot_path: str | None = None) -> None:
+    """Print the held-out tables of finished runs (one `results.json` each): the figures docs/toy_world.md quotes.
+    With `plot_path`, also draw all their curves in one plot."""
+    all_runs = []
     for path in paths:
         with open(path) as f:
             results = json.load(f)
         print(f"== {path}: {', '.join(results['overrides']) or 'demo recipe'}")
+        all_runs += results["runs"]
         for run in results["runs"]:
             k = run["after"]["settings"]["images_per_prompt"]
             print(
@@ -180,11 +183,15 @@ def report(paths: list[str]) -> None:
                 )
             curve = ", ".join(f"{p['step']}: {p['accuracy']:.3f}" for p in run["curve"])
             print(f"  curve (step: accuracy, 2 images per caption): {curve}")
+    if plot_path:
+        plot({"title": "Flow-GRPO on the shapes world (SHAPES_RECIPE)", "runs": all_runs}, plot_path)
+        print(f"wrote {plot_path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", nargs="+", default=None, help="Print the tables of finished runs' results.json.")
+    parser.add_argument("--report_plot", default=None, help="With --report: one plot of all their curves.")
     parser.add_argument("--max_steps", type=int, default=150)
     parser.add_argument("--minutes", type=float, default=None, help="Training-time budget (evaluations excluded).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -197,7 +204,7 @@ def main() -> None:
     parser.add_argument("--title", default=None)
     cli = parser.parse_args()
     if cli.report:
-        return report(cli.report)
+        return report(cli.report, cli.report_plot)
     os.makedirs(cli.output_dir, exist_ok=True)
     torch.set_num_threads(cli.threads)
     recipe = dict(SHAPES_RECIPE)
