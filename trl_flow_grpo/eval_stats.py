@@ -111,7 +111,8 @@ def cluster_bootstrap(
         values: One list per prompt of its images' values (e.g. 1.0 / 0.0 for correct / wrong, or a score).
         strata: One label per prompt (e.g. its category); prompts are resampled within their label. `None`: one
             stratum.
-        num_resamples: Bootstrap resamples (2000 gives the 95% ends to about +-0.003 on a 0/1 accuracy).
+        num_resamples: Bootstrap resamples (with 2000, the 95% ends of the shapes world's held-out accuracy move by
+            about 0.001 from one resampling seed to another).
         level: Confidence level.
         seed: Seed of the resampling (the interval is reproducible).
     """

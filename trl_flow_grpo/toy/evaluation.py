@@ -5,8 +5,8 @@ with fixed seeds, scores each image with the GenEval-like rules and returns a `H
 intervals for the overall and per-category accuracy and score (a bootstrap over captions within categories, see
 `trl_flow_grpo.eval_stats`), and a before/after table whose change column has a paired interval.
 
-With the shipped base model, 141 captions and 10 ODE steps: `K = 4` gives an interval of about +-0.04 on overall
-accuracy, `K = 8` +-0.035 and `K = 16` +-0.03 (the captions differ in difficulty, so more seeds stop helping).
+With the shipped base model, 141 captions and 10 ODE steps: `K = 2` gives an interval of about +-0.05 on overall
+accuracy, `K = 4` +-0.042 and `K = 8` +-0.034 (the captions differ in difficulty, so each doubling helps less).
 """
 
 from __future__ import annotations
