@@ -8,8 +8,8 @@ Starts from the shipped pretrained shapes model, trains on training-split prompt
 evaluates on every held-out caption (compositions never seen in pretraining or RL) with 10-step ODE sampling, CFG
 4.5 and fixed seeds: a cheap evaluation every `--eval_every` steps for the curve (its time is not counted as training
 time) and a large one before and after (`--final_images_per_prompt` images per caption; 8 gave a 95% interval of
-+-0.034 on the base model's overall accuracy). Intervals: bootstrap over captions within categories (`trl_flow_grpo.eval_stats`);
-the change column is paired.
++-0.034 on the base model's overall accuracy). Intervals: bootstrap over captions within categories
+(`trl_flow_grpo.eval_stats`); the change column is paired.
 
 `--set key=value` overrides a field of the recipe (the demo's, `trl_flow_grpo.toy.recipe.SHAPES_RECIPE`), e.g.
 `--set learning_rate=1e-4 --set beta=0.01`. Writes `results.json` (per seed: curve, before/after estimates,
