@@ -37,19 +37,14 @@ from trl_flow_grpo.toy.recipe import SHAPES_RECIPE, parse_override
 class HeldoutCurve(TrainerCallback):
     """Evaluates held-out accuracy every `every` steps and stops after `seconds` of training (evaluations excluded)."""
 
-    def __init__(self, trainer_ref, every: int, images_per_prompt: int, seconds: float | None):
-        self.trainer_ref, self.every, self.k, self.seconds = trainer_ref, every, images_per_prompt, seconds
+    def __init__(self, pipeline, every: int, images_per_prompt: int, seconds: float | None):
+        self.pipeline, self.every, self.k, self.seconds = pipeline, every, images_per_prompt, seconds
         self.curve: list[dict] = []
         self.train_seconds = 0.0
         self._tick = None
 
     def record(self, step: int) -> None:
-        trainer = self.trainer_ref()
-        transformer = trainer.pipeline.transformer
-        was_training = transformer.training
-        transformer.eval()
-        result = evaluate_heldout(trainer.pipeline, images_per_prompt=self.k, keep_images=False)
-        transformer.train(was_training)
+        result = evaluate_heldout(self.pipeline, images_per_prompt=self.k, keep_images=False)
         acc, score = result.estimate("accuracy"), result.estimate("score")
         point = {
             "step": step,
@@ -58,7 +53,7 @@ class HeldoutCurve(TrainerCallback):
             "accuracy_low": acc.low,
             "accuracy_high": acc.high,
             "score": score.value,
-            **{f"{k}": v for k, v in result.summary().items() if k.startswith("accuracy/")},
+            **{k: v for k, v in result.summary().items() if k.startswith("accuracy/")},
         }
         self.curve.append(point)
         print(
@@ -80,8 +75,6 @@ class HeldoutCurve(TrainerCallback):
 
 
 def run_seed(seed: int, recipe: dict, cli) -> dict:
-    import weakref
-
     torch.manual_seed(seed)
     pipe = load_shapes_pipeline()
     final_k = cli.final_images_per_prompt
@@ -106,7 +99,7 @@ def run_seed(seed: int, recipe: dict, cli) -> dict:
         train_dataset=make_prompt_dataset(4096, seed=seed, split="train"),
     )
     curve = HeldoutCurve(
-        weakref.ref(trainer),
+        trainer.pipeline,
         cli.eval_every,
         cli.curve_images_per_prompt,
         None if cli.minutes is None else 60 * cli.minutes,
@@ -116,7 +109,6 @@ def run_seed(seed: int, recipe: dict, cli) -> dict:
     trainer.train()
     if trainer.state.global_step % cli.eval_every:
         curve.record(trainer.state.global_step)
-    pipe.transformer.eval()
     after = evaluate_heldout(trainer.pipeline, images_per_prompt=final_k, keep_images=False, progress=True)
     print(format_comparison(before, after, title=f"seed {seed}"), flush=True)
     print(f"{trainer.state.global_step} optimizer steps, {curve.train_seconds / 60:.1f} min of training", flush=True)
@@ -130,7 +122,7 @@ def run_seed(seed: int, recipe: dict, cli) -> dict:
         "reward_curve": [(h["step"], h["reward"]) for h in history if "reward" in h],
         "before": before.to_dict(),
         "after": after.to_dict(),
-        "change": {key: after.change(before, key).__dict__ for key in after.keys()},
+        "change": {key: after.change(before, key).to_dict() for key in after.keys()},
     }
 
 

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import threading
 import time
@@ -29,8 +28,9 @@ from test_trainer import make_args, prompt_dataset
 from trl_flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
 from trl_flow_grpo.checkpoint_integrity import MANIFEST_NAME, DamagedCheckpointError, verify_checkpoint
 from trl_flow_grpo.cli import main
+from trl_flow_grpo.file_names import TRAINING_ARGS_NAME
 from trl_flow_grpo.finite import NonFiniteError, check_finite
-from trl_flow_grpo.hub import redacted_args
+from trl_flow_grpo.hub import save_training_args
 from trl_flow_grpo.rewards import OpenAIJudge, call_reward_funcs, with_timeout
 from trl_flow_grpo.rewards.judge import JudgeRequestError
 from trl_flow_grpo.rewards.preferences import call_preference_funcs
@@ -90,7 +90,8 @@ def test_learning_rate_zero_is_accepted_with_a_one_line_warning(tmp_path, caplog
 def test_secrets_never_appear_in_repr_str_dict_json_or_the_saved_args(tmp_path):
     config = make(tmp_path, hub_token="hf_SECRET_1", model_init_kwargs={"token": "hf_SECRET_2", "dtype": "float32"})
     texts = [repr(config), str(config), json.dumps(config.to_dict()), config.to_json_string()]
-    texts.append(pickle.dumps(redacted_args(config)).decode("latin-1"))
+    save_training_args(config, str(tmp_path))  # the training_args.bin an upload carries, read as bytes
+    texts.append((tmp_path / TRAINING_ARGS_NAME).read_bytes().decode("latin-1"))
     for text in texts:
         assert "hf_SECRET" not in text
     assert "<REDACTED>" in repr(config) and "model_init_kwargs" in repr(config)

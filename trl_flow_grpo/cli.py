@@ -229,9 +229,6 @@ def _demo_evaluation(trainer, images_per_prompt: int):
 
     def evaluate():
         args = trainer.args
-        transformer = trainer.pipeline.transformer
-        was_training = transformer.training
-        transformer.eval()
         print(f"Held-out evaluation: {images_per_prompt} images per held-out caption...", flush=True)
         result = evaluate_heldout(
             trainer.pipeline,
@@ -243,7 +240,6 @@ def _demo_evaluation(trainer, images_per_prompt: int):
             keep_images=False,
             progress=not args.disable_tqdm,
         )
-        transformer.train(was_training)
         return result
 
     return evaluate

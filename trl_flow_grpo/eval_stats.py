@@ -14,6 +14,7 @@ change is narrower than the two intervals side by side.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,10 @@ class Estimate:
     def half_width(self) -> float:
         """Half the interval's width: the "+-" of the estimate."""
         return (self.high - self.low) / 2
+
+    def to_dict(self) -> dict[str, float | int]:
+        """JSON-ready fields."""
+        return dataclasses.asdict(self)
 
     def excludes_zero(self) -> bool:
         """Whether the interval lies entirely on one side of 0 (for a change: a change beyond the noise)."""

@@ -96,21 +96,11 @@ class HeldoutResult:
         """JSON-ready: settings, per-key value / interval / n, and the per-image scores."""
         return {
             "settings": self.settings,
-            "estimates": {key: _estimate_dict(e) for key, e in self.estimates().items()},
+            "estimates": {key: e.to_dict() for key, e in self.estimates().items()},
             "prompts": self.prompts,
             "categories": self.categories,
             "scores": self.scores.tolist(),
         }
-
-
-def _estimate_dict(estimate: Estimate) -> dict:
-    return {
-        "value": estimate.value,
-        "low": estimate.low,
-        "high": estimate.high,
-        "num_prompts": estimate.num_prompts,
-        "num_images": estimate.num_images,
-    }
 
 
 def evaluate_heldout(

@@ -43,21 +43,30 @@ def generate(
     batch_size: int = 128,
     progress: bool = False,
 ) -> list:
-    """ODE samples of `prompts`, image i seeded by `seed + i` (reproducible whatever the batch size)."""
+    """ODE samples of `prompts`, image i seeded by `seed + i` (reproducible whatever the batch size).
+
+    The transformer samples in eval mode (also when a trainer is in the middle of training it) and is put back in the
+    mode it was in.
+    """
     from tqdm.auto import tqdm
 
     images = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="held-out images", unit="batch", disable=not progress, leave=False):
-        chunk = prompts[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        images += pipe(
-            chunk,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            **SHAPES_SAMPLING,
-        ).images
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    try:
+        for start in tqdm(starts, desc="held-out images", unit="batch", disable=not progress, leave=False):
+            chunk = prompts[start : start + batch_size]
+            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+            images += pipe(
+                chunk,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generators,
+                **SHAPES_SAMPLING,
+            ).images
+    finally:
+        pipe.transformer.train(was_training)
     return images
 
 
