@@ -429,8 +429,7 @@ def test_errors_inside_functions_name_the_function():
     for func in (broken, broken_async):
         with pytest.raises(RuntimeError, match="judge crashed") as error:
             call_preference_funcs([func], *_batch(2))
-        if sys.version_info >= (3, 11):
-            assert f"(raised by preference function {func.__name__!r})" in error.value.__notes__
+        assert f"(raised by preference function {func.__name__!r})" in error.value.__notes__
 
 
 def test_inconsistent_inputs_are_rejected():

@@ -384,7 +384,7 @@ def with_timeout(func: RewardFunc, seconds: float | None, name: str, kind: str =
     async def wait(awaitable: Awaitable[Any], budget: float, start: float) -> Any:
         try:
             return await asyncio.wait_for(awaitable, max(budget, 0.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _timeout_error(kind, name, seconds, time.perf_counter() - start) from None
 
     if _is_async(func):
