@@ -59,6 +59,75 @@ def test_generation_batch_size_follows_its_factors(tmp_path):
     assert cfg.generation_batch_size == 2 * 6 * cfg.world_size
 
 
+def test_default_fills_in_both_trl_generation_fields(tmp_path):
+    cfg = make(tmp_path, num_generations=4, per_device_train_batch_size=2, gradient_accumulation_steps=6)
+    assert cfg.steps_per_generation == 6
+    assert cfg.generation_batch_size == 2 * cfg.world_size * cfg.steps_per_generation
+
+
+@pytest.mark.parametrize("field", ["generation_batch_size", "steps_per_generation"])
+def test_trl_generation_field_equal_to_one_optimizer_step_is_accepted(tmp_path, field):
+    value = {"generation_batch_size": 12 * make(tmp_path).world_size, "steps_per_generation": 3}[field]
+    cfg = make(
+        tmp_path, num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=3, **{field: value}
+    )
+    default = make(tmp_path, num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=3)
+    assert (cfg.generation_batch_size, cfg.steps_per_generation) == (
+        default.generation_batch_size,
+        default.steps_per_generation,
+    )
+
+
+def test_trl_generation_fields_are_mutually_exclusive(tmp_path):
+    with pytest.raises(ValueError, match="generation_batch_size .* and steps_per_generation .* cannot both be set"):
+        make(
+            tmp_path,
+            num_generations=4,
+            per_device_train_batch_size=4,
+            generation_batch_size=12,
+            steps_per_generation=3,
+        )
+
+
+def test_generation_batch_size_must_be_a_multiple_of_the_global_micro_batch(tmp_path):
+    with pytest.raises(ValueError, match=r"generation_batch_size \(10\) must be divisible by the global batch size"):
+        make(tmp_path, num_generations=2, per_device_train_batch_size=4, generation_batch_size=10)
+
+
+@pytest.mark.parametrize("value", [0, -4])
+@pytest.mark.parametrize("field", ["generation_batch_size", "steps_per_generation"])
+def test_trl_generation_fields_must_be_positive(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a positive integer, or unset; got {value}"):
+        make(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("generation_batch_size", 48), ("steps_per_generation", 6)])
+def test_generation_batch_over_several_optimizer_steps_is_rejected_with_the_supported_fix(tmp_path, field, value):
+    kwargs = {"num_generations": 8, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 3}
+    with pytest.raises(ValueError) as excinfo:
+        make(
+            tmp_path,
+            **kwargs,
+            **{field: value * make(tmp_path).world_size if field == "generation_batch_size" else value},
+        )
+    message = str(excinfo.value)
+    assert "not supported" in message and "num_iterations" in message
+    suggested = re.search(r"set gradient_accumulation_steps=(\d+)", message)
+    assert suggested, message
+    cfg = make(tmp_path, **{**kwargs, "gradient_accumulation_steps": int(suggested.group(1))})
+    assert cfg.steps_per_generation == 6  # the suggested config samples the requested batch in one optimizer step
+
+
+def test_trainer_rejects_a_config_whose_batch_changed_after_it_was_built(tmp_path):
+    from trl_flow_grpo.validation import check_generation_batch
+
+    cfg = make(tmp_path, num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    check_generation_batch(cfg)
+    cfg.gradient_accumulation_steps = 4  # generation_batch_size was filled in for 2
+    with pytest.raises(ValueError, match="build the config again"):
+        check_generation_batch(cfg)
+
+
 @pytest.mark.parametrize("steps, fraction, expected", [(10, 1.0, 10), (10, 0.5, 5), (20, 0.99, 19), (1, 1.0, 1)])
 def test_num_sde_steps(tmp_path, steps, fraction, expected):
     assert make(tmp_path, num_inference_steps=steps, timestep_fraction=fraction).num_sde_steps == expected
@@ -197,6 +266,19 @@ def test_hf_argument_parser_parses_the_config(tmp_path):
     assert cfg.output_dir == str(tmp_path)
     assert cfg.generation_batch_size % 4 == 0
     assert cfg.noise_level == 0.7  # untouched defaults survive
+
+
+def test_trl_style_yaml_with_generation_batch_size_parses(tmp_path):
+    from trl import TrlParser
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        f"output_dir: {tmp_path}\nreport_to: none\nnum_generations: 4\nper_device_train_batch_size: 2\n"
+        "gradient_accumulation_steps: 4\ngeneration_batch_size: 8\n",
+        encoding="utf-8",
+    )
+    (cfg,) = TrlParser(FlowGRPOConfig).parse_args_and_config(["--config", str(path)])
+    assert (cfg.generation_batch_size, cfg.steps_per_generation) == (8, 4)
 
 
 def test_hf_argument_parser_parses_lists_and_bool_scale_rewards(tmp_path):

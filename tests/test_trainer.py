@@ -244,6 +244,35 @@ def test_num_iterations_reuses_samples_off_policy(tmp_path, monkeypatch):
     assert by_step[2]["ratio/mean"] != 1.0 or by_step[2]["approx_kl_old"] > 0
 
 
+def test_trl_generation_batch_size_samples_once_per_optimizer_step(tmp_path, monkeypatch):
+    """A TRL-style `generation_batch_size` (here one optimizer step's 8 images) trains like the default: every step
+    samples its own 2 micro-batches of 4 images and trains on each of them once."""
+    pipe = make_tiny_sd3_pipeline()
+    args = make_args(tmp_path, generation_batch_size=8, beta=0.0)
+    assert args.steps_per_generation == args.gradient_accumulation_steps == 2
+    trainer = FlowGRPOTrainer(
+        pipe, "jpeg_compressibility", args=args, train_dataset=prompt_dataset(), peft_config=tiny_lora_config()
+    )
+    records = record_log_probs(monkeypatch, trainer)
+    rollouts = count_rollouts(monkeypatch)
+
+    trainer.train()
+
+    assert [r["step"] for r in records] == [0, 0, 1, 1]
+    assert len({id(r["inputs"]) for r in records}) == 4  # fresh samples for every micro-batch of every step
+    assert [trajectory.latents.shape[0] for trajectory in rollouts] == [4, 4, 4, 4]
+    assert [entry["num_images"] for entry in trainer.state.log_history if "loss" in entry] == [8.0, 16.0]
+
+
+def test_generation_batch_fields_changed_after_the_config_raise_at_construction(tmp_path):
+    pipe = make_tiny_sd3_pipeline()
+    args = make_args(tmp_path)
+    args.gradient_accumulation_steps = 4  # generation_batch_size and steps_per_generation were filled in for 2
+    with pytest.raises(ValueError, match=r"generation_batch_size=8 \(steps_per_generation=2\).*= 16 images"):
+        FlowGRPOTrainer(pipe, "jpeg_compressibility", args=args, train_dataset=prompt_dataset())
+    assert not has_adapter(pipe.transformer)
+
+
 # -------------------------------------------------------------------------------- 3. LoRA round trip via diffusers
 def test_saved_lora_reproduces_trainer_samples_in_plain_diffusers(tmp_path):
     pipe = make_tiny_sd3_pipeline(seed=0)

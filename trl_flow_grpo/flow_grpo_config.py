@@ -1,6 +1,5 @@
 """FlowGRPOConfig: every knob of Flow-GRPO training, documented and validated."""
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -9,7 +8,7 @@ from transformers import TrainingArguments
 from .sampling.dpm import ODE_SOLVERS
 from .sampling.steps import SDE_TYPES
 from .sampling.windows import WINDOW_SCHEDULES, WINDOW_TYPES, WindowSchedule, default_window_range, full_window
-from .validation import REDACTED, check_config, redact
+from .validation import REDACTED, check_config, check_generation_batch, redact
 
 KL_TYPES = ("mean", "velocity")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -26,7 +25,7 @@ class FlowGRPOConfig(TrainingArguments):
     (SD3.5-M, 512 px) where it has one; defaults that differ from [`~transformers.TrainingArguments`] are marked.
 
     **Batch semantics.** One optimizer step uses a *generation batch* of
-    `per_device_train_batch_size * gradient_accumulation_steps * num_processes` images, i.e.
+    `generation_batch_size = per_device_train_batch_size * gradient_accumulation_steps * num_processes` images, i.e.
     `generation_batch_size / num_generations` prompts with `num_generations` images each. All of them are sampled
     first (in chunks of `per_device_train_batch_size` per process), scored, and turned into group-relative advantages;
     then each chunk is trained on one recorded SDE step at a time, one forward + backward pass per step (a micro-step
@@ -47,6 +46,18 @@ class FlowGRPOConfig(TrainingArguments):
 
         num_generations (`int`, *optional*, defaults to `24`):
             Number of images sampled per prompt (the group size G). The generation batch must be divisible by it.
+        generation_batch_size (`int`, *optional*):
+            Images sampled, scored and normalised together, over all processes (TRL's field). Defaults to
+            `per_device_train_batch_size * num_processes * steps_per_generation`; when set, it must be divisible by
+            the global micro-batch `per_device_train_batch_size * num_processes`, and `steps_per_generation` is
+            derived from it. Mutually exclusive with `steps_per_generation`. The trainer samples one generation
+            batch per optimizer step, so it must equal `per_device_train_batch_size * gradient_accumulation_steps *
+            num_processes` (set `gradient_accumulation_steps` to change it; `num_iterations` trains several optimizer
+            steps on one generation batch).
+        steps_per_generation (`int`, *optional*):
+            Micro-batches per process in one generation batch (TRL's field). Defaults to
+            `gradient_accumulation_steps`, the only value the trainer supports (see `generation_batch_size`).
+            Mutually exclusive with `generation_batch_size`.
         num_inference_steps (`int`, *optional*, defaults to `10`):
             Number of denoising steps T of a training rollout.
         eval_num_inference_steps (`int`, *optional*, defaults to `40`):
@@ -215,6 +226,21 @@ class FlowGRPOConfig(TrainingArguments):
     # --- rollout ---
     num_generations: int = field(
         default=24, metadata={"help": "Number of images sampled per prompt (the group size G)."}
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Images sampled and scored together over all processes (TRL's field). Defaults to "
+            "per_device_train_batch_size * num_processes * steps_per_generation; must equal one optimizer step's "
+            "images. Mutually exclusive with steps_per_generation."
+        },
+    )
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batches per process in one generation batch (TRL's field). Defaults to (and must equal) "
+            "gradient_accumulation_steps. Mutually exclusive with generation_batch_size."
+        },
     )
     num_inference_steps: int = field(default=10, metadata={"help": "Denoising steps T of a training rollout."})
     eval_num_inference_steps: int = field(
@@ -482,14 +508,8 @@ class FlowGRPOConfig(TrainingArguments):
                 "auto_find_batch_size is not supported: the generation batch must hold whole groups of "
                 "num_generations images. Set auto_find_batch_size=False and lower per_device_train_batch_size."
             )
-        if self.generation_batch_size % self.num_generations != 0:
-            raise ValueError(
-                f"One optimizer step samples per_device_train_batch_size ({self.per_device_train_batch_size}) x "
-                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) x processes ({self.world_size}) = "
-                f"{self.generation_batch_size} images, which must be divisible by num_generations "
-                f"({self.num_generations}) so that every prompt gets a whole group. Change one of these fields, e.g. "
-                f"gradient_accumulation_steps={self._suggest_accumulation()}."
-            )
+        self._resolve_generation_batch()
+        check_generation_batch(self)
 
     def __str__(self) -> str:
         """Every field, with `*_token` fields and secrets in `model_init_kwargs` (keys such as `token`) redacted."""
@@ -543,14 +563,31 @@ class FlowGRPOConfig(TrainingArguments):
         if value not in choices:
             raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
-    def _suggest_accumulation(self) -> int:
-        per_step = self.per_device_train_batch_size * self.world_size
-        return self.num_generations // math.gcd(per_step, self.num_generations)
-
-    @property
-    def generation_batch_size(self) -> int:
-        """Images sampled, scored and trained on per optimizer step, over all processes."""
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+    def _resolve_generation_batch(self) -> None:
+        """Fill in `generation_batch_size` and `steps_per_generation` from each other, as TRL's `GRPOConfig` does."""
+        global_micro_batch = self.per_device_train_batch_size * self.world_size
+        for name in ("generation_batch_size", "steps_per_generation"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, or unset; got {value!r}.")
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError(
+                f"generation_batch_size ({self.generation_batch_size}) and steps_per_generation "
+                f"({self.steps_per_generation}) cannot both be set: each is derived from the other "
+                "(generation_batch_size = per_device_train_batch_size x processes x steps_per_generation). Set one."
+            )
+        if self.generation_batch_size is not None:
+            if self.generation_batch_size % global_micro_batch != 0:
+                raise ValueError(
+                    f"generation_batch_size ({self.generation_batch_size}) must be divisible by the global batch size "
+                    f"per_device_train_batch_size ({self.per_device_train_batch_size}) x processes ({self.world_size})"
+                    f" = {global_micro_batch}."
+                )
+            self.steps_per_generation = self.generation_batch_size // global_micro_batch
+        else:
+            if self.steps_per_generation is None:
+                self.steps_per_generation = self.gradient_accumulation_steps
+            self.generation_batch_size = global_micro_batch * self.steps_per_generation
 
     @property
     def num_sde_steps(self) -> int:

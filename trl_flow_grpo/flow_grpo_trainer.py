@@ -40,6 +40,7 @@ from .sampling import WindowSchedule, sample, step_log_prob
 from .scoring import Scorer
 from .seeds import stable_seed
 from .utils import image_grid, save_and_report_image
+from .validation import check_generation_batch
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             raise TypeError(f"args must be a FlowGRPOConfig, got {type(args).__name__}.")
 
         # --- inputs are validated before anything heavy happens ---
+        check_generation_batch(args)  # again: the batch fields may have changed since the config was built
         check_train_dataset(train_dataset, args.generation_batch_size, args.num_generations)
         check_prompt_dataset(eval_dataset, "eval_dataset")
         self.scorer = Scorer(reward_funcs, preference_funcs, args)

@@ -113,6 +113,37 @@ def check_config(config: Any) -> None:
     check_launch(config.world_size)
 
 
+def check_generation_batch(config: Any) -> None:
+    """The generation batch of a `FlowGRPOConfig` (after `generation_batch_size` / `steps_per_generation` are filled
+    in) holds whole groups and is exactly what one optimizer step trains on, the only layout the trainer supports.
+
+    The trainer calls it again, so that a config whose batch fields were changed after it was built fails there
+    instead of sampling a batch of the old size."""
+    per_device, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    processes, num_generations = config.world_size, config.num_generations
+    per_step = per_device * accumulation * processes
+    if config.steps_per_generation != accumulation or config.generation_batch_size != per_step:
+        steps = config.generation_batch_size // (per_device * processes)
+        raise ValueError(
+            f"generation_batch_size={config.generation_batch_size} (steps_per_generation={steps}) is not what one "
+            f"optimizer step trains on: per_device_train_batch_size ({per_device}) x gradient_accumulation_steps "
+            f"({accumulation}) x processes ({processes}) = {per_step} images. FlowGRPOTrainer samples one generation "
+            "batch per optimizer step; a generation batch consumed over several optimizer steps is not supported. "
+            f"For {config.generation_batch_size} images per optimizer step set gradient_accumulation_steps={steps} "
+            "(the same memory per micro-batch) and leave generation_batch_size and steps_per_generation unset (build "
+            "the config again if its batch fields were changed after it was built); to train several optimizer steps "
+            "on each generation batch, set num_iterations."
+        )
+    if per_step % num_generations != 0:
+        suggested = num_generations // math.gcd(per_device * processes, num_generations)
+        raise ValueError(
+            f"One optimizer step samples per_device_train_batch_size ({per_device}) x gradient_accumulation_steps "
+            f"({accumulation}) x processes ({processes}) = {per_step} images, which must be divisible by "
+            f"num_generations ({num_generations}) so that every prompt gets a whole group. Change one of these "
+            f"fields, e.g. gradient_accumulation_steps={suggested}."
+        )
+
+
 def check_dtypes(kwargs: Any, where: str) -> None:
     """A `dtype` / `torch_dtype` given as a string must name a torch floating-point dtype (or be `"auto"`)."""
     import torch
