@@ -25,14 +25,30 @@ class SD3Adapter(PipelineAdapter):
     default_guidance_scale = 4.5  # Flow-GRPO's SD3.5 setting
 
     def check_inputs(self, height: int, width: int) -> None:
-        multiple = self.pipeline.vae_scale_factor * self.pipeline.patch_size
+        factor, patch = self.pipeline.vae_scale_factor, self.pipeline.patch_size
+        multiple = factor * patch
         for name, value in (("height", height), ("width", width)):
             if value % multiple:
                 raise ValueError(
                     f"{name}={value} is not divisible by {multiple} (VAE scale factor "
-                    f"{self.pipeline.vae_scale_factor} x patch size {self.pipeline.patch_size}); use "
-                    f"{name}={max(multiple, value - value % multiple)}."
+                    f"{factor} x patch size {patch}); use {name}={max(multiple, value - value % multiple)}."
                 )
+        max_patches = self.transformer.config.pos_embed_max_size
+        if max_patches is None:  # no positional-embedding table to crop from: any size the grid allows
+            return
+        largest = max_patches * multiple
+        too_large = [f"{name}={value}" for name, value in (("height", height), ("width", width)) if value > largest]
+        if too_large:
+            default = self.transformer.config.sample_size * factor
+            verb = "are" if len(too_large) > 1 else "is"
+            raise ValueError(
+                f"{' and '.join(too_large)} {verb} larger than this SD3 transformer can sample: at most {largest} "
+                f"pixels per side (pos_embed_max_size {max_patches} x patch size {patch} x VAE scale factor {factor})."
+                f" Pass height and width of at most {largest} (multiples of {multiple}), e.g. the pipeline's default "
+                f"size height={default}, width={default}. FlowGRPOConfig's 512 x 512 default is SD3.5's size; for the "
+                "shipped shapes model (trl_flow_grpo.toy.model.load_shapes_pipeline) pass height=32, width=32 or use "
+                "trl_flow_grpo.toy.recipe.SHAPES_RECIPE."
+            )
 
     @torch.no_grad()
     def encode_prompts(
