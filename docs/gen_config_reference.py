@@ -221,7 +221,7 @@ def generate() -> str:
         f"Every other [`TrainingArguments`]({TRAINING_ARGUMENTS_URL}) field works as in `transformers.Trainer`.",
         "The ones most often set for Flow-GRPO: `output_dir`, `max_steps` / `num_train_epochs`, `save_strategy` /",
         "`save_steps`, `eval_strategy` / `eval_steps` with `per_device_eval_batch_size`, `report_to`, `run_name`,",
-        "`seed`, `max_grad_norm` (default 1.0), `gradient_checkpointing`, `fp16`, and the optimizer settings",
+        "`seed`, `max_grad_norm` (default 1.0), `activation_checkpointing`, `fp16`, and the optimizer settings",
         "(`optim`, `adam_beta1`, `adam_beta2`, `adam_epsilon`). `auto_find_batch_size=True` is rejected: every",
         "optimizer step must hold whole groups of `num_generations` images.",
         "",

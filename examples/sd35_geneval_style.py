@@ -9,7 +9,7 @@ that checks the counts, colours and positions asked for by the prompt) and keep 
 GPU assumptions (not measured in this repository): one CUDA GPU with about 80 GB of memory, bf16. The whole pipeline,
 T5-XXL included, stays on the GPU; a micro-batch is 8 images at 512 px, doubled to 16 by classifier-free guidance.
 With less memory, pass e.g. `--per_device_train_batch_size 4 --gradient_accumulation_steps 6` (the product must stay
-a multiple of 24, the group size) and/or `--gradient_checkpointing`. SD3.5 Medium is gated on the Hugging Face Hub:
+a multiple of 24, the group size) and/or `--activation_checkpointing`. SD3.5 Medium is gated on the Hugging Face Hub:
 accept its licence and log in (`hf auth login`) first.
 """
 
@@ -60,7 +60,7 @@ PAPER_SETTINGS = dict(
     learning_rate=3e-4,
     weight_decay=1e-4,
     max_grad_norm=1.0,
-    model_init_kwargs={"torch_dtype": "bfloat16"},
+    model_init_kwargs={"dtype": "bfloat16"},
 )
 
 # LoRA rank 32 / alpha 64 on the attention projections of the joint transformer blocks (image and text streams).
@@ -105,7 +105,7 @@ def main(argv=None):
     parser.add_argument(
         "--gradient_accumulation_steps", type=int, default=PAPER_SETTINGS["gradient_accumulation_steps"]
     )
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
+    parser.add_argument("--activation_checkpointing", action="store_true", help="Trade compute for memory.")
     parser.add_argument("--report_to", default="none", help="none, wandb, tensorboard, ...")
     parser.add_argument("--seed", type=int, default=42)
     cli = parser.parse_args(argv)
@@ -130,7 +130,7 @@ def main(argv=None):
         save_steps=100,
         report_to=cli.report_to,
         seed=cli.seed,
-        gradient_checkpointing=cli.gradient_checkpointing,
+        activation_checkpointing=cli.activation_checkpointing,
         **settings,
     )
     trainer = FlowGRPOTrainer(
@@ -149,7 +149,7 @@ def main(argv=None):
         print(f"held-out reward: {before['eval_reward']:+.4f} -> {after['eval_reward']:+.4f}")
         print(
             f"LoRA saved to {cli.output_dir}/. Load it with:\n"
-            f"  pipe = StableDiffusion3Pipeline.from_pretrained({cli.model_id!r}, torch_dtype=torch.bfloat16)\n"
+            f"  pipe = StableDiffusion3Pipeline.from_pretrained({cli.model_id!r}, dtype=torch.bfloat16)\n"
             f"  pipe.load_lora_weights({cli.output_dir!r})"
         )
 

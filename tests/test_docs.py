@@ -160,3 +160,42 @@ def test_the_site_builds_in_strict_mode(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "configuration" / "index.html").is_file()
+
+
+# What the installed libraries deprecate, with the current spelling the docs use instead.
+DEPRECATED_USAGE = {
+    r"\.getdata\(\)": "Pillow 12.1 deprecates Image.getdata (removed in 14): use numpy, e.g. np.asarray(image)",
+    r"from_pretrained\([^)]*\btorch_dtype=": "diffusers and transformers take `dtype=` (torch_dtype warns)",
+    r"[\"']torch_dtype[\"']\s*:|^\s*torch_dtype:": "model_init_kwargs go to from_pretrained: use `dtype`",
+    r"gradient_checkpointing\s*=\s*(True|cli\.)|gradient_checkpointing:\s*true|--gradient_checkpointing\b": (
+        "transformers renamed it `activation_checkpointing` (the old name warns and goes in v6)"
+    ),
+}
+
+
+def _user_facing_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted(DOCS.glob("*.md")), *sorted((ROOT / "examples").glob("*.*"))]
+
+
+@pytest.mark.parametrize(
+    "pattern", DEPRECATED_USAGE, ids=["getdata", "from_pretrained", "init_kwargs", "checkpointing"]
+)
+def test_docs_and_examples_use_current_apis(pattern):
+    import re
+
+    hits = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in _user_facing_files()
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if re.search(pattern, line)
+    ]
+    assert not hits, f"{DEPRECATED_USAGE[pattern]}:\n" + "\n".join(hits)
+
+
+def test_the_documented_checkpointing_flag_does_not_warn(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        config = FlowGRPOConfig(output_dir=str(tmp_path), report_to="none", activation_checkpointing=True)
+    assert config.gradient_checkpointing  # the old name mirrors it, which the trainer reads

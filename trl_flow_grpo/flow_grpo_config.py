@@ -38,7 +38,7 @@ class FlowGRPOConfig(TrainingArguments):
 
         model_init_kwargs (`dict[str, Any]`, *optional*):
             Keyword arguments for [`~diffusers.DiffusionPipeline.from_pretrained`], used when the `model` argument of
-            the [`FlowGRPOTrainer`] is a Hub id or a path, e.g. `{"torch_dtype": "bfloat16"}`.
+            the [`FlowGRPOTrainer`] is a Hub id or a path, e.g. `{"dtype": "bfloat16"}`.
         max_sequence_length (`int`, *optional*, defaults to `256`):
             Maximum number of T5 tokens of a prompt (SD3's `max_sequence_length`).
 
@@ -218,7 +218,7 @@ class FlowGRPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Keyword arguments for `DiffusionPipeline.from_pretrained`, used when `model` is a Hub id or a "
-            'path, e.g. `{"torch_dtype": "bfloat16"}`.'
+            'path, e.g. `{"dtype": "bfloat16"}`.'
         },
     )
     max_sequence_length: int = field(default=256, metadata={"help": "Maximum number of T5 tokens of a prompt."})
