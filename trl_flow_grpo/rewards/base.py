@@ -6,7 +6,9 @@ or an object with a `__call__` method) and is called with keyword arguments only
 - `prompts`: `list[str]`, one prompt per sample;
 - `images`: `list[PIL.Image.Image]`, one generated image per sample;
 - every other dataset column, as a keyword holding a list with one entry per sample;
-- `trainer_state`: the trainer's `TrainerState` (may be `None`).
+- `trainer_state`: the trainer's `TrainerState` (may be `None`);
+- `log_extra(column, values)` and `log_metric(name, value)`: TRL's logging hooks (see `call_reward_funcs`), passed by
+  the trainer.
 
 It should accept `**kwargs` so that it keeps working when columns are added; a function without `**kwargs` is only
 passed the keywords it names. It returns one float per sample, or `None` for a sample it does not apply to (for
@@ -501,11 +503,14 @@ def call_reward_funcs(
     images: list,
     columns: dict[str, list] | None = None,
     trainer_state: Any = None,
+    log_extra: Callable[[str, list], None] | None = None,
+    log_metric: Callable[[str, float], None] | None = None,
 ) -> torch.Tensor:
     """Call every reward function on a batch and stack the results.
 
-    Each function is called as `func(prompts=prompts, images=images, **columns, trainer_state=trainer_state)`
-    (a function without `**kwargs` only gets the keywords it names). Sync functions run one after the other, in
+    Each function is called as `func(prompts=prompts, images=images, **columns, trainer_state=trainer_state)`,
+    plus `log_extra=log_extra` and `log_metric=log_metric` when they are given (a function without `**kwargs` only
+    gets the keywords it names). Sync functions run one after the other, in
     order; async functions (and awaitables returned by sync ones) then run concurrently with each other, in a single
     event loop.
 
@@ -515,6 +520,10 @@ def call_reward_funcs(
         images: One image per sample (normally `PIL.Image.Image`).
         columns: Other dataset columns, name -> list with one entry per sample; passed as keywords.
         trainer_state: Passed through as the `trainer_state` keyword.
+        log_extra: TRL's `log_extra(column, values)`: a reward function calls it to log a column with one value per
+            sample (e.g. the text an OCR reward read). Not passed when `None`.
+        log_metric: TRL's `log_metric(name, value)`: a reward function calls it to log a scalar metric for the batch.
+            Not passed when `None`.
 
     Returns:
         A float32 tensor of shape `(num_samples, num_funcs)`; column `j` holds the rewards of `reward_funcs[j]`, and
@@ -530,6 +539,10 @@ def call_reward_funcs(
         raise ValueError(f"got {len(images)} images for {num_samples} prompts")
     columns = _check_columns("reward function", columns, _RESERVED_KWARGS, num_samples, "sample")
     kwargs = {"prompts": prompts, "images": images, **columns, "trainer_state": trainer_state}
+    if log_extra is not None:
+        kwargs["log_extra"] = log_extra
+    if log_metric is not None:
+        kwargs["log_metric"] = log_metric
     funcs = [resolve_reward_func(func) for func in reward_funcs]
     names = [reward_func_name(func) for func in funcs]
     rewards, _ = _call_funcs("reward function", "sample", _to_float, funcs, names, kwargs, num_samples)
