@@ -177,6 +177,30 @@ def test_max_batch_size_splits_a_request_into_consecutive_calls(served):
     assert [size for size, _, _ in calls] == [7]  # without a limit the request is one batch
 
 
+def test_rewards_travel_at_full_precision_and_async_rewards_are_served(served):
+    async def tenths(prompts, images, **kwargs):
+        return [0.1 * (i + 1) for i in range(len(prompts))]  # not float32 values
+
+    prompts, images = _batch(3)
+    assert RemoteReward(served(tenths, max_batch_size=2).url).score(prompts, images) == [0.1, 0.2, 0.1]
+
+
+def test_a_reward_answering_wrongly_on_the_server_is_a_500_naming_it(served):
+    def short(prompts, images, **kwargs):
+        return [1.0]
+
+    prompts, images = _batch(2)
+    with pytest.raises(RewardServerError, match=r"HTTP 500 .*reward 'short' raised ValueError.*returned 1 values"):
+        RemoteReward(served(short).url, retries=0).score(prompts, images)
+
+
+def test_a_post_without_a_content_length_is_refused(served):
+    server = served()
+    with socket.create_connection((server.host, server.port), timeout=10) as connection:
+        connection.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        assert connection.recv(100).startswith(b"HTTP/1.1 411")
+
+
 def test_none_travels_as_null_and_comes_back_as_not_applicable(served):
     def odd_only(prompts, images, **kwargs):
         return [float(i) if i % 2 else None for i in range(len(prompts))]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -28,7 +29,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .base import RewardFunc, _call_funcs, _to_float, resolve_reward_func, reward_func_name
+from .base import (
+    RewardFunc,
+    _as_value_list,
+    _run_awaitables,
+    _select_kwargs,
+    _to_float,
+    resolve_reward_func,
+    reward_func_name,
+)
 from .remote import decode_image
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "RewardServer", "main"]
@@ -170,14 +179,18 @@ class RewardServer:
         with self._lock:
             for start in range(0, len(prompts), size):
                 stop = start + size
-                # The trainer's own checks of a reward's answer (count, numbers, None, finite), without its warning
-                # about samples no reward applies to: the client, which may combine several rewards, warns.
                 kwargs = {key: values[start:stop] for key, values in columns.items()}
                 kwargs.update(prompts=prompts[start:stop], images=decoded[start:stop], trainer_state=None)
-                part, _ = _call_funcs(
-                    "reward function", "sample", _to_float, [self.reward], [self.name], kwargs, len(kwargs["prompts"])
+                result = self.reward(**_select_kwargs(self.reward, kwargs))
+                if inspect.isawaitable(result):  # an async reward function
+                    result = _run_awaitables([lambda awaitable=result: awaitable])[0]
+                # The trainer's checks of a reward's answer (count, numbers, None, finite), at full precision (the
+                # client converts to float32 itself); no warning about samples no reward applies to: the client,
+                # which may combine several rewards, warns.
+                part = _as_value_list(
+                    "reward function", self.name, result, len(kwargs["prompts"]), "sample", _to_float
                 )
-                rewards += [None if math.isnan(value) else value for value in part[:, 0].tolist()]
+                rewards += [None if math.isnan(value) else value for value in part]
         return {"rewards": rewards}
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -209,8 +222,10 @@ class RewardServer:
                 try:
                     length = int(self.headers.get("Content-Length", ""))
                 except ValueError:
+                    length = -1
+                if length < 0:
                     self.close_connection = True
-                    self._answer(411, {"error": "a Content-Length header is required"})
+                    self._answer(411, {"error": "a Content-Length header (a byte count) is required"})
                     return
                 if length > server.max_request_bytes:
                     self.close_connection = True
@@ -312,6 +327,11 @@ def main(argv: list[str] | None = None) -> None:
         max_request_bytes=int(args.max_request_mb * 2**20),
     )
     print(server.startup_line(), flush=True)
+    if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"Warning: --host {args.host} without --token-env: anyone who can reach this address can use the reward.",
+            flush=True,
+        )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
