@@ -448,7 +448,7 @@ def test_several_rewards_with_weights_async_none_and_columns(tmp_path):
     assert len(received) == 2
     for call in received:
         assert call["num_images"] == 8
-        assert call["kwargs"] == []  # prompt / _row are not passed as columns
+        assert call["kwargs"] == ["log_extra", "log_metric"]  # TRL's logging keywords; prompt / _row are not columns
         assert call["trainer_state"] is trainer.state
         assert [row_of[p] for p in call["prompts"]] == list(zip(call["target"], call["difficulty"]))
         assert len(set(call["prompts"])) == 2 and all(call["prompts"].count(p) == 4 for p in set(call["prompts"]))

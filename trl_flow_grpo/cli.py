@@ -517,9 +517,18 @@ def sample(argv: list[str]) -> None:
     print(f"Wrote {len(images)} images to {args.output}", flush=True)
 
 
+def reward_server(argv: list[str]) -> None:
+    """`trl-flow-grpo reward-server --reward NAME_OR_PATH [--host] [--port] [--token-env VAR]`: serve a reward over
+    HTTP for `RemoteReward` (see `trl_flow_grpo.rewards.server`)."""
+    from .rewards.server import main as serve
+
+    serve(argv)
+
+
 COMMANDS = {
     "train": (train, "Train a flow-matching pipeline with Flow-GRPO (built-in offline demo by default)."),
     "sample": (sample, "Render prompts with a base pipeline plus a trained LoRA into an image grid."),
+    "reward-server": (reward_server, "Serve a reward function over HTTP (POST /score) for a reward URL."),
 }
 
 

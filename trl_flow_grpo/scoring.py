@@ -5,11 +5,16 @@ gathered batch: group-relative advantages of the reward functions (`advantages.c
 preference functions the win-rate advantages of pairs within each group, mixed at the advantage level. The math is
 in `advantages`; this module does the calls and the collective operations, which every process runs at the same
 point.
+
+Reward functions may log through TRL's keywords: `log_metric(name, value)` (a scalar, averaged over the calls of
+every process into the batch's metrics) and `log_extra(column, values)` (one value per sample, kept in
+`Scores.extra` over every process).
 """
 
 import math
+import numbers
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +41,7 @@ from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name, w
 from .rewards.preferences import call_preference_funcs, preference_func_name, resolve_preference_func
 from .seeds import stable_seed
 
-__all__ = ["Scorer", "Scores"]
+__all__ = ["RewardLogs", "Scorer", "Scores"]
 
 
 def _as_list(funcs: Any) -> list:
@@ -50,6 +55,70 @@ def _columns(rows: list[dict], skip: tuple[str, ...] = ("prompt", "_row")) -> di
     return {key: [row[key] for row in rows] for key in (rows[0] if rows else {}) if key not in skip}
 
 
+class RewardLogs:
+    """What the reward functions log during one batch through TRL's `log_extra` / `log_metric` keywords.
+
+    `log_extra` and `log_metric` are passed to the reward functions (those whose signature names them, or takes
+    `**kwargs`); `gather` combines every process's logs, a collective operation.
+
+    Args:
+        num_samples: The samples of this process's batch: each `log_extra` column holds one value per sample.
+    """
+
+    def __init__(self, num_samples: int):
+        self.num_samples = num_samples
+        self.extra: dict[str, list] = {}
+        self.metrics: dict[str, list[float]] = {}
+
+    def log_extra(self, column: str, values: Sequence[Any]) -> None:
+        """Log a column with one value per sample of the batch (e.g. the text an OCR reward read)."""
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"log_extra: the column name must be a non-empty string, got {column!r}")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"log_extra({column!r}, ...): values must be a list, got {type(values).__name__}")
+        if len(values) != self.num_samples:
+            raise ValueError(
+                f"log_extra({column!r}, ...): got {len(values)} values for a batch of {self.num_samples} samples; "
+                "log one value per sample (None where there is nothing to log)"
+            )
+        if column in self.extra:
+            raise ValueError(
+                f"log_extra: column {column!r} was already logged for this batch (by this or another reward "
+                "function); give each column its own name"
+            )
+        self.extra[column] = list(values)
+
+    def log_metric(self, name: str, value: float) -> None:
+        """Log a scalar for the batch; calls with the same name (every process's, every function's) are averaged."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"log_metric: the metric name must be a non-empty string, got {name!r}")
+        if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+            value = value.item()
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"log_metric({name!r}, ...): the value must be a finite number, got {value!r}")
+        self.metrics.setdefault(name, []).append(float(value))
+
+    def gather(self) -> tuple[dict[str, float], dict[str, list]]:
+        """Every process's logs combined (a collective operation: every process calls it at the same point).
+
+        Returns:
+            The metrics (name -> the mean of every call with that name) and the extra columns (column -> one value
+            per sample of every process, in the order `accelerator.gather` concatenates them; None for the samples
+            of a process that did not log the column).
+        """
+        local = (self.num_samples, self.extra, {name: (sum(v), len(v)) for name, v in self.metrics.items()})
+        parts = gather_object([local])
+        totals: dict[str, list[float]] = {}
+        for _, _, metrics in parts:
+            for name, (total, count) in metrics.items():
+                totals.setdefault(name, [0.0, 0])
+                totals[name][0] += total
+                totals[name][1] += count
+        columns = sorted({column for _, extra, _ in parts for column in extra})
+        extra = {column: [v for n, e, _ in parts for v in e.get(column, [None] * n)] for column in columns}
+        return {name: total / count for name, (total, count) in sorted(totals.items())}, extra
+
+
 @dataclass
 class Scores:
     """The scores of one generation batch, over every process (N samples, R reward functions)."""
@@ -61,7 +130,20 @@ class Scores:
     pointwise: AdvantageOutput | None
     """The reward functions' advantages and weighted rewards; `None` with preference functions only."""
     metrics: dict[str, float] = field(default_factory=dict)
-    """Reward, advantage and preference statistics to log."""
+    """Reward, advantage and preference statistics to log, and the reward functions' `log_metric` means."""
+    extra: dict[str, list] = field(default_factory=dict)
+    """The reward functions' `log_extra` columns: column -> one value per sample, aligned with `rewards`."""
+
+
+def _add_logged_metrics(metrics: dict[str, float], logged: dict[str, float]) -> None:
+    """Add the reward functions' `log_metric` means to `metrics`, refusing a name the Scorer already logs."""
+    for name, value in logged.items():
+        if name in metrics:
+            raise ValueError(
+                f"A reward function logged the metric {name!r} with log_metric, which is a name the trainer logs "
+                "itself; choose another name (e.g. prefix it with the reward's name)."
+            )
+        metrics[name] = value
 
 
 class Scorer:
@@ -71,9 +153,14 @@ class Scorer:
         reward_funcs: Reward functions or built-in names (see `trl_flow_grpo.rewards`).
         preference_funcs: Pref-GRPO preference functions or built-in names (see `trl_flow_grpo.rewards.preferences`).
         args: The run's configuration (weights, advantage options, preference options, seed).
+
+    Attributes:
+        last_eval_extra: The reward functions' `log_extra` columns of the last `evaluate` call (column -> one value
+            per gathered sample).
     """
 
     def __init__(self, reward_funcs: Any, preference_funcs: Any, args: FlowGRPOConfig):
+        self.last_eval_extra: dict[str, list] = {}
         reward_funcs, preference_funcs = _as_list(reward_funcs), _as_list(preference_funcs)
         if not reward_funcs and not preference_funcs:
             raise ValueError(
@@ -126,8 +213,9 @@ class Scorer:
         """
         args, device = self.args, accelerator.device
         prompts = [row["prompt"] for row in rows]
+        logs = RewardLogs(len(rows))
         start = time.perf_counter()
-        rewards = call_reward_funcs(self.reward_funcs, prompts, images, _columns(rows), trainer_state=trainer_state)
+        rewards = self._call(prompts, images, rows, trainer_state, logs)
         reward_time = time.perf_counter() - start
 
         # Advantages need whole groups, which may span processes: gather, compute (every process the same).
@@ -164,7 +252,22 @@ class Scorer:
         check_finite(advantages, "advantages", trainer_state.global_step, "Check the rewards' scale.")
         metrics.update(self._reward_metrics(all_rewards, pointwise, advantages))
         metrics["time/reward_s"] = reward_time
-        return Scores(advantages=advantages, rewards=all_rewards, pointwise=pointwise, metrics=metrics)
+        logged, extra = logs.gather()
+        _add_logged_metrics(metrics, logged)
+        return Scores(advantages=advantages, rewards=all_rewards, pointwise=pointwise, metrics=metrics, extra=extra)
+
+    def _call(
+        self, prompts: list[str], images: list[Image.Image], rows: list[dict], trainer_state: Any, logs: RewardLogs
+    ) -> torch.Tensor:
+        return call_reward_funcs(
+            self.reward_funcs,
+            prompts,
+            images,
+            _columns(rows),
+            trainer_state=trainer_state,
+            log_extra=logs.log_extra,
+            log_metric=logs.log_metric,
+        )
 
     def _reward_metrics(
         self, rewards: torch.Tensor, pointwise: AdvantageOutput | None, advantages: torch.Tensor
@@ -253,9 +356,14 @@ class Scorer:
         self, images: list[Image.Image], rows: list[dict], trainer_state: Any, prefix: str = "eval"
     ) -> tuple[dict[str, float], torch.Tensor]:
         """The mean of every reward over the evaluation samples of every process (a collective operation), and the
-        weighted reward of every gathered sample (for the sample grid)."""
+        weighted reward of every gathered sample (for the sample grid).
+
+        The reward functions' `log_metric` means are added as `{prefix}_{name}`; their `log_extra` columns are kept
+        in `last_eval_extra`.
+        """
         prompts = [row["prompt"] for row in rows]
-        rewards = call_reward_funcs(self.reward_funcs, prompts, images, _columns(rows), trainer_state=trainer_state)
+        logs = RewardLogs(len(rows))
+        rewards = self._call(prompts, images, rows, trainer_state, logs)
         all_rewards = torch.tensor(gather_object(rewards.tolist()), dtype=torch.float32).reshape(
             -1, len(self.reward_funcs)
         )
@@ -263,4 +371,6 @@ class Scorer:
         metrics = {f"{prefix}_reward": weighted.mean().item()}
         for k, name in enumerate(self.reward_func_names):
             metrics[f"{prefix}_rewards/{name}/mean"] = torch.nanmean(all_rewards[:, k]).item()
+        logged, self.last_eval_extra = logs.gather()
+        _add_logged_metrics(metrics, {f"{prefix}_{name}": value for name, value in logged.items()})
         return metrics, weighted

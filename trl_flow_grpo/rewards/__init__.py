@@ -8,6 +8,9 @@ keywords `prompts`, `images`, every other dataset column, and `trainer_state`, r
 Pref-GRPO's preference functions compare two images of one prompt and return P(image a preferred) per pair; see
 `trl_flow_grpo.rewards.preferences` (protocol, `PREFERENCE_FUNCS`, `ScalarPreference`) and
 `trl_flow_grpo.rewards.judge` (vision-language judges, local or behind an OpenAI-compatible server).
+
+A reward can also run in another process: `trl_flow_grpo.rewards.server` serves one over HTTP
+(`trl-flow-grpo reward-server`) and `RemoteReward` (`trl_flow_grpo.rewards.remote`) is its client.
 """
 
 from .base import REWARD_FUNCS, RewardFunc, call_reward_funcs, resolve_reward_func, reward_func_name, with_timeout
@@ -30,6 +33,7 @@ from .preferences import (
     preference_func_name,
     resolve_preference_func,
 )
+from .remote import RemoteReward, RewardServerError
 
 __all__ = [
     "with_timeout",
@@ -40,7 +44,9 @@ __all__ = [
     "JudgeRequestError",
     "OpenAIJudge",
     "PreferenceFunc",
+    "RemoteReward",
     "RewardFunc",
+    "RewardServerError",
     "ScalarPreference",
     "TransformersJudge",
     "build_judge_prompt",

@@ -6,7 +6,9 @@ or an object with a `__call__` method) and is called with keyword arguments only
 - `prompts`: `list[str]`, one prompt per sample;
 - `images`: `list[PIL.Image.Image]`, one generated image per sample;
 - every other dataset column, as a keyword holding a list with one entry per sample;
-- `trainer_state`: the trainer's `TrainerState` (may be `None`).
+- `trainer_state`: the trainer's `TrainerState` (may be `None`);
+- `log_extra(column, values)` and `log_metric(name, value)`: TRL's logging hooks (see `call_reward_funcs`), passed by
+  the trainer.
 
 It should accept `**kwargs` so that it keeps working when columns are added; a function without `**kwargs` is only
 passed the keywords it names. It returns one float per sample, or `None` for a sample it does not apply to (for
@@ -37,7 +39,9 @@ from .ocr import ocr_reward
 from .pickscore import pickscore_reward
 
 __all__ = [
+    "MISSING_BUILTINS",
     "REWARD_FUNCS",
+    "REWARD_MODEL_IDS",
     "RewardFunc",
     "call_reward_funcs",
     "resolve_reward_func",
@@ -67,7 +71,22 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
 """Built-in reward functions by name. This is the single place a new built-in is registered. Built-ins that need
 heavy dependencies or a model download should import / load them lazily, inside the call."""
 
-_RESERVED_KWARGS = ("prompts", "images", "trainer_state")
+REWARD_MODEL_IDS: dict[str, str] = {
+    "yuvalkirstain/PickScore_v1": "pickscore",
+    "THUDM/ImageReward": "image_reward",
+    "xswu/HPSv2": "hpsv2",
+}
+"""Hub ids of known reward models -> the built-in that runs them, so that a model's Hub id works as a reward name
+(as TRL resolves a reward model's id). Matched without regard to case, as the Hub does. A value may be a built-in that
+does not exist yet (listed in `MISSING_BUILTINS`): the id is then refused with an error saying what is missing."""
+
+MISSING_BUILTINS: dict[str, str] = {
+    "image_reward": "ImageReward (Xu et al., 2023; its reference package is `pip install image-reward`)",
+    "hpsv2": "HPSv2 (Wu et al., 2023; its reference package is `pip install hpsv2`)",
+}
+"""Built-ins named in `REWARD_MODEL_IDS` that trl-flow-grpo does not ship yet -> the model they would run."""
+
+_RESERVED_KWARGS = ("prompts", "images", "trainer_state", "log_extra", "log_metric")
 _MAX_SAMPLES_IN_WARNING = 10
 _MAX_PROMPT_CHARS_IN_WARNING = 100
 
@@ -83,7 +102,9 @@ def reward_func_name(func: str | RewardFunc) -> str:
     """
     if isinstance(func, str):
         resolved = resolve_reward_func(func)  # raises on an unknown name or a failing import
-        return func if func in REWARD_FUNCS else reward_func_name(resolved)
+        if func in REWARD_FUNCS:
+            return func
+        return _REWARD_MODEL_IDS_LOWER.get(func.lower()) or reward_func_name(resolved)
     for name, builtin in REWARD_FUNCS.items():
         if func is builtin:
             return name
@@ -98,27 +119,45 @@ def reward_func_name(func: str | RewardFunc) -> str:
 def resolve_reward_func(func_or_name: str | RewardFunc) -> RewardFunc:
     """Return the reward function for `func_or_name`.
 
-    A string is looked up in the built-in registry (`REWARD_FUNCS`). A string that is not a built-in name but
-    contains a dot or a colon is an import path: `"my_pkg.rewards.geneval"` (module `my_pkg.rewards`, attribute
-    `geneval`) or `"my_pkg.rewards:geneval"` (module before the colon, attribute path after it, which may itself be
-    dotted). The module is imported and the attribute returned; it must be a function or a callable instance, not
-    a class. A callable is returned unchanged.
+    A string is resolved, in this order, as:
+
+    1. a built-in name (`REWARD_FUNCS`), e.g. `"pickscore"`;
+    2. a known reward model's Hub id (`REWARD_MODEL_IDS`, case-insensitive), e.g. `"yuvalkirstain/PickScore_v1"`,
+       which gives the built-in that runs it;
+    3. an `http://` or `https://` URL of a reward server (`trl-flow-grpo reward-server`), which gives a
+       `trl_flow_grpo.rewards.remote.RemoteReward` for it (its bearer token, if any, read from the environment
+       variable `TRL_FLOW_GRPO_REWARD_TOKEN`);
+    4. an import path, any other string with a dot or a colon: `"my_pkg.rewards.geneval"` (module `my_pkg.rewards`,
+       attribute `geneval`) or `"my_pkg.rewards:geneval"` (module before the colon, attribute path after it, which
+       may itself be dotted). The module is imported and the attribute returned; it must be a function or a
+       callable instance, not a class.
+
+    A callable is returned unchanged.
 
     Raises:
         ValueError: if a string neither names a built-in nor is a well-formed import path, or the module lacks the
-            attribute.
+            attribute; or it is the Hub id of a reward model whose built-in does not exist yet (`MISSING_BUILTINS`).
         ImportError: if the module of an import path cannot be imported.
         TypeError: if the argument (or the object an import path names) is not a callable reward function.
     """
     if isinstance(func_or_name, str):
         if func_or_name in REWARD_FUNCS:
             return REWARD_FUNCS[func_or_name]
+        builtin = _REWARD_MODEL_IDS_LOWER.get(func_or_name.lower())
+        if builtin is not None:
+            return _builtin_for_model_id(func_or_name, builtin)
+        if func_or_name.startswith(("http://", "https://")):
+            from .remote import RemoteReward  # the client is only imported when a URL is given
+
+            return RemoteReward(func_or_name)
         if "." in func_or_name or ":" in func_or_name:
             return _import_func(func_or_name)
         available = ", ".join(repr(name) for name in sorted(REWARD_FUNCS))
         raise ValueError(
             f"Unknown reward function {func_or_name!r}. Available built-in reward functions: {available}. "
-            'You can also pass an import path ("my_pkg.rewards.my_reward" or "my_pkg.rewards:my_reward"), or a '
+            f"Known reward models by Hub id: {', '.join(repr(model_id) for model_id in REWARD_MODEL_IDS)}. "
+            'You can also pass an import path ("my_pkg.rewards.my_reward" or "my_pkg.rewards:my_reward"), the '
+            'http(s) URL of a reward server ("http://127.0.0.1:8000", see `trl-flow-grpo reward-server`), or a '
             "callable (a function, an async function, or an object with `__call__`) that takes `prompts`, "
             "`images`, the dataset columns and `trainer_state` as keywords and returns one float (or None) per "
             "sample."
@@ -128,6 +167,23 @@ def resolve_reward_func(func_or_name: str | RewardFunc) -> RewardFunc:
             f"A reward function must be a built-in name (str) or a callable, got {type(func_or_name).__name__}"
         )
     return func_or_name
+
+
+_REWARD_MODEL_IDS_LOWER = {model_id.lower(): builtin for model_id, builtin in REWARD_MODEL_IDS.items()}
+
+
+def _builtin_for_model_id(model_id: str, builtin: str) -> RewardFunc:
+    """The built-in `builtin` that runs the reward model `model_id`, or a precise error when it is not shipped."""
+    if builtin in REWARD_FUNCS:
+        return REWARD_FUNCS[builtin]
+    model = MISSING_BUILTINS.get(builtin, "this model")
+    raise ValueError(
+        f"Reward {model_id!r} is the Hub id of {model}, which would run as the built-in reward {builtin!r}; "
+        f"trl-flow-grpo does not ship that built-in yet (it is not in REWARD_FUNCS, and no extra installs it). "
+        "Wrap the model in your own reward function (one float per image, see docs/rewards.md) and pass it as a "
+        "callable or an import path, or serve it with `trl-flow-grpo reward-server --reward my_pkg.rewards:fn` and "
+        "pass the server's URL."
+    )
 
 
 def _import_func(
@@ -447,11 +503,14 @@ def call_reward_funcs(
     images: list,
     columns: dict[str, list] | None = None,
     trainer_state: Any = None,
+    log_extra: Callable[[str, list], None] | None = None,
+    log_metric: Callable[[str, float], None] | None = None,
 ) -> torch.Tensor:
     """Call every reward function on a batch and stack the results.
 
-    Each function is called as `func(prompts=prompts, images=images, **columns, trainer_state=trainer_state)`
-    (a function without `**kwargs` only gets the keywords it names). Sync functions run one after the other, in
+    Each function is called as `func(prompts=prompts, images=images, **columns, trainer_state=trainer_state)`,
+    plus `log_extra=log_extra` and `log_metric=log_metric` when they are given (a function without `**kwargs` only
+    gets the keywords it names). Sync functions run one after the other, in
     order; async functions (and awaitables returned by sync ones) then run concurrently with each other, in a single
     event loop.
 
@@ -461,6 +520,10 @@ def call_reward_funcs(
         images: One image per sample (normally `PIL.Image.Image`).
         columns: Other dataset columns, name -> list with one entry per sample; passed as keywords.
         trainer_state: Passed through as the `trainer_state` keyword.
+        log_extra: TRL's `log_extra(column, values)`: a reward function calls it to log a column with one value per
+            sample (e.g. the text an OCR reward read). Not passed when `None`.
+        log_metric: TRL's `log_metric(name, value)`: a reward function calls it to log a scalar metric for the batch.
+            Not passed when `None`.
 
     Returns:
         A float32 tensor of shape `(num_samples, num_funcs)`; column `j` holds the rewards of `reward_funcs[j]`, and
@@ -476,6 +539,10 @@ def call_reward_funcs(
         raise ValueError(f"got {len(images)} images for {num_samples} prompts")
     columns = _check_columns("reward function", columns, _RESERVED_KWARGS, num_samples, "sample")
     kwargs = {"prompts": prompts, "images": images, **columns, "trainer_state": trainer_state}
+    if log_extra is not None:
+        kwargs["log_extra"] = log_extra
+    if log_metric is not None:
+        kwargs["log_metric"] = log_metric
     funcs = [resolve_reward_func(func) for func in reward_funcs]
     names = [reward_func_name(func) for func in funcs]
     rewards, _ = _call_funcs("reward function", "sample", _to_float, funcs, names, kwargs, num_samples)
