@@ -14,6 +14,7 @@ from PIL import Image
 from transformers.integrations import TensorBoardCallback
 
 from trl_flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
+from trl_flow_grpo.hub import trackio_url
 from trl_flow_grpo.sample_logging import SampleTable, completions_path, send_image, send_table
 from trl_flow_grpo.testing import make_tiny_sd3_pipeline, tiny_lora_config
 
@@ -209,3 +210,10 @@ def test_report_to_trackio_gets_metrics_and_the_sample_table_from_the_trainer(tm
     assert all(isinstance(row[2].value, Image.Image) for row in table.data)
     written = pq.read_table(tmp_path / "completions" / "step_00001.parquet").to_pylist()
     assert [row["jpeg_compressibility"] for row in written] == pytest.approx([row[3] for row in table.data])
+
+
+def test_card_links_the_trackio_space(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trackio", FakeTrackio(space_id="someone/runs").module)
+    assert trackio_url() == "https://huggingface.co/spaces/someone/runs"
+    monkeypatch.setitem(sys.modules, "trackio", FakeTrackio(space_id=None).module)
+    assert trackio_url() is None
