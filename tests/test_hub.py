@@ -226,11 +226,7 @@ def test_push_to_hub_uploads_loadable_lora_card_and_samples(tmp_path, hub):
     for name in ("jpeg_compressibility", "mean_brightness"):
         assert results[name].metric_value == pytest.approx(last_eval[f"eval_rewards/{name}/mean"])
     for result in results.values():
-        assert (result.task_type, result.dataset_type, result.dataset_split) == (
-            "text-to-image",
-            "someone/prompts",
-            "eval",
-        )
+        assert (result.task_type, result.dataset_type) == ("text-to-image", "someone/prompts")
     assert card.data.model_name == "repo"
 
     # Each reward, first and last logged value (and the change), as in log_history; the same for evaluation.
@@ -311,6 +307,11 @@ def test_intermediate_pushes_upload_the_lora_and_the_card(tmp_path, hub, strateg
         assert (upload.snapshot / LORA).read_bytes() == (checkpoint / LORA).read_bytes()
         card = (upload.snapshot / "README.md").read_text(encoding="utf-8")
         assert f"| Optimizer steps | {step} |" in card
+        # No evaluation: the widget shows the step's training rollouts (one prompt x 2 images), uploaded too.
+        widget = ModelCard(card).data.widget
+        assert [entry["output"]["url"] for entry in widget] == ["images/sample_0.png", "images/sample_1.png"]
+        assert len({entry["text"] for entry in widget}) == 1 and widget[0]["text"] in PROMPTS
+        assert {"images/sample_0.png", "images/sample_1.png"} <= set(upload.files)
 
     checkpoint_pushes = [u for u in hub.uploads if u.path_in_repo is not None]
     expected_paths = {

@@ -177,7 +177,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._last_samples: sample_logging.SampleTable | None = None  # this process's newest rollouts
         self._last_sample_scores: list[float] = []  # their weighted rewards (advantages if pref-only): grid captions
-        self._last_eval_samples: tuple[list, list[str]] | None = None  # the newest evaluation images and prompts
+        self._last_eval_samples: tuple[list, list[str]] | None = None  # the newest evaluation's first images, prompts
         self.rollout_buffer = RolloutBuffer(args.num_iterations)
         super().__init__(
             model=transformer,
@@ -467,7 +467,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
 
         metrics, weighted = self.scorer.evaluate(images, rows, self.state, metric_key_prefix)
         prompts = [row["prompt"] for row in rows]
-        self._last_eval_samples = (images, prompts)
+        self._last_eval_samples = (images[: hub.MAX_WIDGET_IMAGES], prompts[: hub.MAX_WIDGET_IMAGES])  # widget
         self.log(metrics)
         if self.is_world_process_zero() and images:  # after `log`: the trackers' runs are set up by then
             self._save_sample_grid(images, prompts, weighted.tolist(), metric_key_prefix)

@@ -332,7 +332,6 @@ def card_eval_results(summary: RunSummary) -> list[EvalResult] | None:
             task_name="Text-to-image",
             dataset_type=dataset_type,
             dataset_name=f"Evaluation prompts{count}",
-            dataset_split="eval",
             metric_type=score.metric,
             metric_name=score.label,
             metric_value=score.value,
