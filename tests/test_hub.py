@@ -1,5 +1,6 @@
 """`FlowGRPOTrainer.push_to_hub`, intermediate pushes and the model card, offline (the Hub API is faked)."""
 
+import json
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from datasets import Dataset
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from safetensors.torch import load_file
 
 from trl_flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
@@ -154,8 +156,12 @@ def test_push_to_hub_uploads_loadable_lora_card_and_samples(tmp_path, hub):
     (upload,) = hub.uploads  # save_strategy="no": no intermediate push
     assert upload.repo_id == REPO_ID and upload.path_in_repo is None
     assert upload.commit_message == "End of training"
-    assert {LORA, "README.md", "samples.png"} <= set(upload.files)
+    assert {LORA, "README.md", "samples.png", "training_args.json"} <= set(upload.files)
     assert not any(name.startswith("checkpoint-") for name in upload.files)
+    assert not any(name.endswith(".bin") or name.endswith(".pt") for name in upload.files)  # no pickle goes up
+    # The per-step sample tables stay local, like the training grids.
+    assert list(Path(trainer.args.output_dir, "completions").glob("step_*.parquet"))
+    assert not any(name.startswith("completions/") for name in upload.files)
     # The evaluation grids go up; the training grids (one per logging step: gigabytes over a long run) do not.
     samples = Path(trainer.args.output_dir, "samples")
     assert list(samples.glob("train_step*.png"))
@@ -187,8 +193,41 @@ def test_push_to_hub_uploads_loadable_lora_card_and_samples(tmp_path, hub):
     assert meta["pipeline_tag"] == "text-to-image"
     assert meta["license"] == "mit"
     assert meta["datasets"] == ["someone/prompts"]
-    assert meta["tags"] == ["trl", "flow-grpo", "diffusers", "lora", "text-to-image", "my-tag"]
+    assert meta["tags"] == [
+        "trl",
+        "flow-grpo",
+        "diffusers",
+        "lora",
+        "text-to-image",
+        "my-tag",
+        "diffusers-training",
+        "template:sd-lora",
+    ]
+    assert "instance_prompt" not in meta  # no trigger word: the LoRA applies to any prompt
     assert "![Samples](samples.png)" in text
+
+    # The widget shows the last evaluation's images (ODE samples), uploaded next to the card.
+    card = ModelCard.load(upload.snapshot / "README.md")
+    eval_images, eval_prompts = trainer._last_eval_samples
+    assert card.data.widget == [
+        {"text": prompt, "output": {"url": f"images/sample_{i}.png"}} for i, prompt in enumerate(eval_prompts)
+    ]
+    assert eval_prompts == PROMPTS[:2]
+    for i, image in enumerate(eval_images):
+        assert f"images/sample_{i}.png" in upload.files
+        with Image.open(upload.snapshot / "images" / f"sample_{i}.png") as uploaded:
+            assert np.array_equal(np.asarray(uploaded), np.asarray(image.convert("RGB")))
+
+    # The last evaluation's mean rewards are structured evaluation results (`model-index`).
+    results = {result.metric_type: result for result in card.data.eval_results}
+    assert set(results) == {"jpeg_compressibility", "mean_brightness", "reward"}
+    last_eval = [entry for entry in trainer.state.log_history if "eval_reward" in entry][-1]
+    assert results["reward"].metric_value == pytest.approx(last_eval["eval_reward"])
+    for name in ("jpeg_compressibility", "mean_brightness"):
+        assert results[name].metric_value == pytest.approx(last_eval[f"eval_rewards/{name}/mean"])
+    for result in results.values():
+        assert (result.task_type, result.dataset_type) == ("text-to-image", "someone/prompts")
+    assert card.data.model_name == "repo"
 
     # Each reward, first and last logged value (and the change), as in log_history; the same for evaluation.
     for label, key in [
@@ -261,12 +300,18 @@ def test_intermediate_pushes_upload_the_lora_and_the_card(tmp_path, hub, strateg
     model_pushes = [u for u in hub.uploads if u.path_in_repo is None]
     assert [u.commit_message for u in model_pushes] == ["Training in progress, step 1", "Training in progress, step 2"]
     for step, upload in enumerate(model_pushes, start=1):
-        assert {LORA, "README.md", "training_args.bin"} <= set(upload.files)
+        assert {LORA, "README.md", "training_args.json"} <= set(upload.files)
+        assert "training_args.bin" not in upload.files
         assert not any(name.startswith("checkpoint-") for name in upload.files)
         checkpoint = Path(trainer.args.output_dir, f"checkpoint-{step}")
         assert (upload.snapshot / LORA).read_bytes() == (checkpoint / LORA).read_bytes()
         card = (upload.snapshot / "README.md").read_text(encoding="utf-8")
         assert f"| Optimizer steps | {step} |" in card
+        # No evaluation: the widget shows the step's training rollouts (one prompt x 2 images), uploaded too.
+        widget = ModelCard(card).data.widget
+        assert [entry["output"]["url"] for entry in widget] == ["images/sample_0.png", "images/sample_1.png"]
+        assert len({entry["text"] for entry in widget}) == 1 and widget[0]["text"] in PROMPTS
+        assert {"images/sample_0.png", "images/sample_1.png"} <= set(upload.files)
 
     checkpoint_pushes = [u for u in hub.uploads if u.path_in_repo is not None]
     expected_paths = {
@@ -328,9 +373,12 @@ def test_hub_token_is_used_but_never_written_or_logged(tmp_path, hub, caplog, ca
         for path in Path(trainer.args.output_dir).rglob("*"):
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), path
-    # The uploaded training_args.bin is still loadable, without the token.
-    saved = torch.load(hub.uploads[0].snapshot / "training_args.bin", weights_only=False)
-    assert saved.hub_token is None and saved.num_generations == 2
+    # The uploaded training_args.json holds the arguments, without the token, and rebuilds the config.
+    for upload in hub.uploads:
+        saved = json.loads((upload.snapshot / "training_args.json").read_text(encoding="utf-8"))
+        assert saved["hub_token"] != args_token and saved["num_generations"] == 2
+        rebuilt = FlowGRPOConfig(**{k: v for k, v in saved.items() if not k.endswith("_token")})
+        assert rebuilt.num_generations == 2 and rebuilt.hub_model_id == REPO_ID
     assert trainer.args.hub_token == args_token  # the trainer's own config is untouched
 
 
@@ -350,7 +398,10 @@ def test_card_citations_and_full_fine_tuning_loading_code(tmp_path, hub, monkeyp
     text = readme.read_text(encoding="utf-8")
     meta = card_metadata(text)
     assert meta["base_model"] == "org/base-model"  # recovered from the Hub cache path
-    assert meta["tags"] == ["trl", "flow-grpo", "diffusers", "text-to-image"]  # no `lora` tag
+    # No `lora` / `template:sd-lora` tag; nothing sampled yet: no widget, no evaluation results.
+    assert meta["tags"] == ["trl", "flow-grpo", "diffusers", "text-to-image", "diffusers-training"]
+    assert "widget" not in meta and "model-index" not in meta
+    assert not Path(trainer.args.output_dir, "images").exists()
     assert "\n# my-model\n" in text
     assert (
         f'transformer = SD3Transformer2DModel.from_pretrained("{REPO_ID}", subfolder="transformer", '
@@ -390,6 +441,7 @@ def test_model_card_renders_from_the_packaged_template():
         FLOW_GRPO,
         MIXGRPO,
         MODEL_CARD_TEMPLATE,
+        EvalScore,
         MetricChange,
         RunSummary,
         generate_model_card,
@@ -412,17 +464,38 @@ def test_model_card_renders_from_the_packaged_template():
         num_prompts=4,
         inference={"num_inference_steps": 10, "guidance_scale": 4.5},
         wandb_url="https://wandb.ai/someone/run",
+        trackio_url="https://huggingface.co/spaces/someone/trackio",
+        widget=[{"text": "a red circle", "output": {"url": "images/sample_0.png"}}],
+        dataset_name="someone/prompts",
+        num_eval_prompts=2,
+        eval_results=[
+            EvalScore("jpeg_compressibility", "Mean jpeg_compressibility (ODE samples, step 9)", -1.25, 9),
+            EvalScore("reward", "Mean weighted reward (ODE samples, step 9)", -1.25, 9),
+        ],
     )
-    text = str(generate_model_card(summary))
+    card = generate_model_card(summary)
+    text = str(card)
     meta = card_metadata(text)
-    assert meta["tags"] == ["trl", "flow-grpo"] and meta["base_model_relation"] == "adapter"
+    assert meta["tags"] == ["trl", "flow-grpo", "diffusers", "diffusers-training", "lora", "template:sd-lora"]
+    assert meta["base_model_relation"] == "adapter"
+    parsed = ModelCard(text).data  # what the Hub reads back
+    assert parsed.widget == [{"text": "a red circle", "output": {"url": "images/sample_0.png"}}]
+    assert parsed.model_name == "shapes-lora"
+    assert [(r.metric_type, r.metric_value, r.dataset_type) for r in parsed.eval_results] == [
+        ("jpeg_compressibility", -1.25, "someone/prompts"),
+        ("reward", -1.25, "someone/prompts"),
+    ]
+    assert parsed.eval_results[0].dataset_name == "Evaluation prompts (2 prompts)"
     assert "{%" not in text and "{{ " not in text  # every tag and variable of the template was rendered
     assert "\n# shapes-lora\n\nA LoRA adapter for [someone/tiny-sd3](https://huggingface.co/someone/tiny-sd3)" in text
     assert (
         "with mixed ODE-SDE sampling (an SDE window) from [MixGRPO](https://huggingface.co/papers/2507.21802)" in text
     )
     assert "maximise the rewards `jpeg_compressibility`, `a|b` for 9 optimizer steps on 72 sampled images" in text
-    assert "Training logs: [Weights & Biases](https://wandb.ai/someone/run)." in text
+    assert (
+        "Training logs: [Weights & Biases](https://wandb.ai/someone/run), "
+        "[Trackio](https://huggingface.co/spaces/someone/trackio)." in text
+    )
     assert "![Samples](samples.png)\n\n*Evaluation samples (ODE sampler) at step 9" in text
     assert "| `jpeg_compressibility` | -2.0000 (step 1) | -1.5000 (step 9) | +0.5000 |" in text
     assert "| LoRA target modules | to_q, to_k |" in text

@@ -90,7 +90,7 @@ def test_learning_rate_zero_is_accepted_with_a_one_line_warning(tmp_path, caplog
 def test_secrets_never_appear_in_repr_str_dict_json_or_the_saved_args(tmp_path):
     config = make(tmp_path, hub_token="hf_SECRET_1", model_init_kwargs={"token": "hf_SECRET_2", "dtype": "float32"})
     texts = [repr(config), str(config), json.dumps(config.to_dict()), config.to_json_string()]
-    save_training_args(config, str(tmp_path))  # the training_args.bin an upload carries, read as bytes
+    save_training_args(config, str(tmp_path))  # the training_args.json an upload carries
     texts.append((tmp_path / TRAINING_ARGS_NAME).read_bytes().decode("latin-1"))
     for text in texts:
         assert "hf_SECRET" not in text

@@ -1,9 +1,12 @@
 """End-to-end tests of `FlowGRPOTrainer` on the tiny offline SD3 pipeline (CPU, a few seconds in all)."""
 
 import asyncio
+import io
 import os
 
 import diffusers
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -483,6 +486,8 @@ def test_log_completions_and_deterministic_evaluate(tmp_path):
 
     grid_path = tmp_path / "samples" / "train_step000001.png"
     assert grid_path.is_file(), sorted(os.listdir(tmp_path / "samples"))
+    table = pq.read_table(tmp_path / "completions" / "step_00001.parquet")
+    assert table.num_rows == 4  # num_images_to_log of the 8 images of the step
     with Image.open(grid_path) as grid:
         assert grid.format == "PNG"
         assert grid.width >= 4 * 32 and grid.height >= 32
@@ -495,6 +500,41 @@ def test_log_completions_and_deterministic_evaluate(tmp_path):
     assert first["eval_reward"] == second["eval_reward"]
     assert first == second
     assert (tmp_path / "samples" / "eval_step000001.png").is_file()
+
+
+def brightness(prompts, images, **kwargs) -> list[float]:
+    return [float(np.asarray(image.convert("L")).mean()) / 255 for image in images]
+
+
+def test_log_completions_writes_a_table_per_logging_step_matching_the_logged_rewards(tmp_path):
+    args = make_args(tmp_path, log_completions=True, num_images_to_log=8, max_steps=2)
+    trainer = FlowGRPOTrainer(
+        make_tiny_sd3_pipeline(),
+        ["jpeg_compressibility", brightness],
+        args=args,
+        train_dataset=prompt_dataset(),
+        peft_config=tiny_lora_config(),
+    )
+    trainer.train()
+
+    for step in (1, 2):
+        rows = pq.read_table(tmp_path / "completions" / f"step_{step:05d}.parquet").to_pylist()
+        assert list(rows[0]) == ["step", "prompt", "image", "jpeg_compressibility", "brightness", "advantage"]
+        assert len(rows) == 8 and {row["step"] for row in rows} == {step}
+        (entry,) = [e for e in trainer.state.log_history if e.get("step") == step and "reward" in e]
+        for name in ("jpeg_compressibility", "brightness"):
+            assert np.mean([row[name] for row in rows]) == pytest.approx(entry[f"rewards/{name}/mean"], rel=1e-5)
+        # The images are the scored ones: brightness recomputed from the stored PNG is the logged reward.
+        for row in rows[:2]:
+            image = Image.open(io.BytesIO(row["image"]["bytes"]))
+            assert brightness([row["prompt"]], [image])[0] == pytest.approx(row["brightness"], abs=1e-6)
+        # Group-relative advantages: they average to zero within each prompt's group of 4.
+        by_prompt: dict[str, list[float]] = {}
+        for row in rows:
+            by_prompt.setdefault(row["prompt"], []).append(row["advantage"])
+        assert sorted(len(group) for group in by_prompt.values()) == [4, 4]
+        for group in by_prompt.values():
+            assert abs(np.mean(group)) < 1e-5 and np.ptp(group) > 0
 
 
 # ------------------------------------------------------------------------------------ 8. gradient checkpointing

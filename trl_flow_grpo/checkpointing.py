@@ -146,8 +146,10 @@ class CheckpointingMixin:
     """Save, resume, signal-time saves and Hub pushes of `FlowGRPOTrainer`: every private Trainer override.
 
     Expects of the trainer: `adapter`, `is_lora`, `ema`, `rollout_buffer`, `_stop_on_signal` and `_any_process`; for
-    the model card `pipeline`, `guidance_scale`, `reward_funcs`, `reward_func_names`, `preference_funcs` and the class
-    attributes `_name`, `_paper` (a `hub.Paper`) and `_tag_names`.
+    the model card `pipeline`, `guidance_scale`, `reward_funcs`, `reward_func_names`, `preference_funcs`,
+    `_last_eval_samples` (images and prompts of the newest evaluation, or `None`), `_last_samples` (the newest
+    rollouts, a `sample_logging.SampleTable`, or `None`) and the class attributes `_name`, `_paper` (a `hub.Paper`)
+    and `_tag_names`.
     """
 
     # ------------------------------------------------------------------------------------------- training
@@ -289,11 +291,16 @@ class CheckpointingMixin:
         tags: str | list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write a model card (`README.md`, plus `samples.png`, the newest sample grid) into `args.output_dir`.
+        """Write a model card (`README.md`, plus `samples.png`, the newest sample grid, and the widget's images
+        `images/sample_<i>.png`) into `args.output_dir`.
 
-        The card has metadata for the Hub (base model, `library_name: diffusers`, tags, `pipeline_tag`), each reward
-        when first and last logged, the main hyperparameters, the diffusers code that loads the result, and the
-        papers to cite (MixGRPO with a sliding SDE window, Pref-GRPO with preference functions). Main process only.
+        The card has metadata for the Hub (base model, `library_name: diffusers`, tags with `diffusers-training` and,
+        for a LoRA, `lora` and `template:sd-lora`, `pipeline_tag`, a `widget` of up to 4 sample images with their
+        prompts: from the newest evaluation, else the newest training rollouts, and the last evaluation's mean rewards
+        as structured evaluation results, `model-index`), links to the W&B run and Trackio Space when known, each
+        reward when first and last logged, the main hyperparameters, the diffusers code that loads the result, and
+        the papers to cite (MixGRPO with a sliding SDE window, Pref-GRPO with preference functions). Main process
+        only.
 
         Args:
             model_name (`str`, *optional*):
@@ -306,8 +313,10 @@ class CheckpointingMixin:
                 License id for the metadata (usually the base model's).
             finetuned_from (`str`, *optional*):
                 Hub id of the base model when the pipeline was loaded from a local folder outside the Hub cache.
+            eval_dataset_name (`str`, *optional*):
+                Hub id of the evaluation prompts (the dataset of the evaluation results); defaults to `dataset_name`.
         """
-        accepted = {"license", "finetuned_from"}
+        accepted = {"license", "finetuned_from", "eval_dataset_name"}
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
             raise TypeError(
@@ -325,6 +334,7 @@ class CheckpointingMixin:
         tags: str | list[str] | None,
         license: str | None = None,
         finetuned_from: str | None = None,
+        eval_dataset_name: str | None = None,
     ) -> hub.RunSummary:
         """What the model card says about this run."""
         args, state = self.args, self.state
@@ -341,6 +351,13 @@ class CheckpointingMixin:
         transformer = self.accelerator.unwrap_model(self.model)
         os.makedirs(args.output_dir, exist_ok=True)
         sample_image, sample_caption = hub.copy_newest_sample_grid(args.output_dir)
+        if self._last_eval_samples is not None:  # ODE samples with the evaluation guidance: what users will get
+            widget_images, widget_prompts = self._last_eval_samples
+        elif self._last_samples is not None:
+            widget_images, widget_prompts = self._last_samples.images, self._last_samples.prompts
+        else:
+            widget_images, widget_prompts = [], []
+        widget = hub.save_widget_images(args.output_dir, widget_images, widget_prompts)
         prompts = self.train_dataset.dataset["prompt"]
         return hub.RunSummary(
             model_name=model_name,
@@ -378,6 +395,10 @@ class CheckpointingMixin:
                 "width": args.width,
             },
             wandb_url=hub.wandb_url(),
+            trackio_url=hub.trackio_url(),
+            widget=widget,
+            eval_dataset_name=eval_dataset_name,
+            eval_results=hub.last_eval_scores(state.log_history, self.reward_func_names),
         )
 
     def push_to_hub(
@@ -394,9 +415,10 @@ class CheckpointingMixin:
         As [`~transformers.Trainer.push_to_hub`] (save on every process, card and upload from the main process, after
         any intermediate upload finishes). The repo then holds `pytorch_lora_weights.safetensors` (a LoRA, loadable
         with `pipe.load_lora_weights(repo_id)`) or `transformer/` (full fine-tuning), the EMA weights when `ema_decay`
-        is set, with `README.md`, `samples.png` (the newest sample grid) and the evaluation grids under `samples/`;
-        checkpoints (`checkpoint-*`), the training sample grids and files starting with `_` are not uploaded. The
-        repo is created if needed.
+        is set, with `README.md`, `samples.png` (the newest sample grid), the widget images `images/sample_<i>.png`,
+        the evaluation grids under `samples/` and `training_args.json` (secrets redacted; no pickle); checkpoints
+        (`checkpoint-*`), the training sample grids and tables (`completions/`), any `training_args.bin` and files
+        starting with `_` are not uploaded. The repo is created if needed.
 
         Args:
             commit_message (`str`, *optional*, defaults to `"End of training"`):
@@ -411,7 +433,7 @@ class CheckpointingMixin:
                 Make a newly created repo private; defaults to `args.hub_private_repo`.
             kwargs:
                 Passed to [`~FlowGRPOTrainer.create_model_card`] (`model_name`, `dataset_name`, `tags`, `license`,
-                `finetuned_from`).
+                `finetuned_from`, `eval_dataset_name`).
 
         Returns:
             The `CommitInfo` of the upload (a `Future` of it when `blocking=False`); `None` on other processes.
@@ -426,6 +448,7 @@ class CheckpointingMixin:
         if not self.is_world_process_zero():
             return None
         self.create_model_card(**kwargs)
+        hub.save_training_args(args, args.output_dir)
         self._finish_current_push()
         return hub.upload_output_dir(
             repo_id=self.hub_model_id,
@@ -442,7 +465,8 @@ class CheckpointingMixin:
         `"checkpoint"` also uploads the checkpoint to `last-checkpoint/`, `"all_checkpoints"` to `checkpoint-<step>/`)
         with three differences: the model files are this trainer's (the LoRA or `transformer/`; with `ema_decay` the
         EMA weights, the checkpoint keeping the raw ones), `README.md` is refreshed with the model card, and the
-        `training_args.bin` it writes has no Hub token."""
+        training arguments go up as `training_args.json` without any secret instead of a pickled
+        `training_args.bin`."""
         from transformers.trainer_utils import HubStrategy, SaveStrategy
         from transformers.utils.hub import PushInProgress
 

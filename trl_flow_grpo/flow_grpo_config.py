@@ -200,10 +200,12 @@ class FlowGRPOConfig(TrainingArguments):
         > Parameters that control logging
 
         log_completions (`bool`, *optional*, defaults to `False`):
-            Whether to save a grid of sampled images with their prompts and rewards under
-            `output_dir/samples/` at every logging step and send it to the trackers of `report_to` that accept images.
+            Whether to log the sampled images at every logging step: a table with one row per image (`step`,
+            `prompt`, `image`, one column per reward function, `advantage`) written to
+            `output_dir/completions/step_XXXXX.parquet` and sent to W&B and Trackio when `report_to` names them, and a
+            grid with prompts and rewards saved under `output_dir/samples/` and sent to TensorBoard.
         num_images_to_log (`int`, *optional*, defaults to `8`):
-            Number of images in that grid.
+            Number of images (rows) in that table and grid.
 
     Changed defaults of [`~transformers.TrainingArguments`]: `learning_rate=3e-4`, `weight_decay=1e-4`,
     `lr_scheduler_type="constant"`, `per_device_train_batch_size=8`, `gradient_accumulation_steps=3` (one group of
@@ -406,9 +408,12 @@ class FlowGRPOConfig(TrainingArguments):
     # --- logging ---
     log_completions: bool = field(
         default=False,
-        metadata={"help": "Save a grid of sampled images with prompts and rewards at every logging step."},
+        metadata={
+            "help": "Log a table of sampled images with prompts, rewards and advantages (parquet, W&B, Trackio) and "
+            "a grid (TensorBoard) at every logging step."
+        },
     )
-    num_images_to_log: int = field(default=8, metadata={"help": "Number of images in the logged grid."})
+    num_images_to_log: int = field(default=8, metadata={"help": "Number of images in the logged table and grid."})
 
     # --- changed TrainingArguments defaults ---
     learning_rate: float = field(default=3e-4, metadata={"help": "The initial learning rate for AdamW."})

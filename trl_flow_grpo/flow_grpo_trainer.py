@@ -14,6 +14,7 @@ card and uploads in `hub`.
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -27,7 +28,7 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
 
-from . import hub
+from . import hub, sample_logging
 from .checkpointing import CheckpointingMixin, RolloutBuffer
 from .data import RowIndexed, check_prompt_dataset, check_train_dataset
 from .ema import ParameterEMA
@@ -39,7 +40,7 @@ from .rollout_batch import RolloutBatch
 from .sampling import WindowSchedule, sample, step_log_prob
 from .scoring import Scorer
 from .seeds import stable_seed
-from .utils import image_grid, save_and_report_image
+from .utils import image_grid
 from .validation import check_generation_batch
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,9 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         self.ref_transformer, args = _prepare_transformer(transformer, peft_config, args)
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._last_samples: tuple[list, list[str], list[float]] | None = None
+        self._last_samples: sample_logging.SampleTable | None = None  # this process's newest rollouts
+        self._last_sample_scores: list[float] = []  # their weighted rewards (advantages if pref-only): grid captions
+        self._last_eval_samples: tuple[list, list[str]] | None = None  # the newest evaluation's first images, prompts
         self.rollout_buffer = RolloutBuffer(args.num_iterations)
         super().__init__(
             model=transformer,
@@ -314,7 +317,14 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             self._metrics[key].append(value)
         self._metrics["num_images"] = [float((self._generation + 1) * scores.rewards.shape[0])]
         shown = scores.pointwise.rewards[local] if scores.pointwise is not None else advantages  # pref-only
-        self._last_samples = (images, [row["prompt"] for row in rows], shown.tolist())
+        self._last_samples = sample_logging.SampleTable(
+            step=self.state.global_step,
+            prompts=[row["prompt"] for row in rows],
+            images=images,
+            rewards={name: scores.rewards[local, i].tolist() for i, name in enumerate(self.reward_func_names)},
+            advantages=advantages.tolist(),
+        )
+        self._last_sample_scores = shown.tolist()
 
         for s, part in zip(samples, advantages.split([len(s.batch) for s in samples])):
             s.batch.advantages = part
@@ -458,16 +468,19 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         transformer.train(was_training)
 
         metrics, weighted = self.scorer.evaluate(images, rows, self.state, metric_key_prefix)
-        if self.is_world_process_zero() and images:
-            self._save_sample_grid(images, [row["prompt"] for row in rows], weighted.tolist(), metric_key_prefix)
+        prompts = [row["prompt"] for row in rows]
+        self._last_eval_samples = (images[: hub.MAX_WIDGET_IMAGES], prompts[: hub.MAX_WIDGET_IMAGES])  # widget
         self.log(metrics)
+        if self.is_world_process_zero() and images:  # after `log`: the trackers' runs are set up by then
+            self._save_sample_grid(images, prompts, weighted.tolist(), metric_key_prefix)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     # --------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Average the metrics collected since the last log (over steps and processes) and add them to `logs`."""
-        if not any(key.startswith("eval_") for key in logs) and self._metrics:
+        new_rollouts = not any(key.startswith("eval_") for key in logs) and bool(self._metrics)
+        if new_rollouts:
             keys = sorted(self._metrics)
             local = torch.tensor(
                 [sum(self._metrics[k]) / max(len(self._metrics[k]), 1) for k in keys], device=self.accelerator.device
@@ -475,15 +488,41 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             averaged = self.accelerator.gather(local[None]).mean(dim=0).tolist()
             logs = {**logs, **dict(zip(keys, averaged))}
             self._metrics.clear()
-            if self.args.log_completions and self._last_samples is not None and self.is_world_process_zero():
-                self._save_sample_grid(*self._last_samples, split="train")
         super().log(logs, start_time)
+        if (
+            new_rollouts
+            and self.args.log_completions
+            and self._last_samples is not None
+            and self.is_world_process_zero()
+        ):
+            self._log_samples(self._last_samples, self._last_sample_scores)  # after `super().log`: trackers are set up
 
-    def _save_sample_grid(self, images: list, prompts: list[str], rewards: list[float], split: str) -> None:
-        """Save the first `num_images_to_log` images with prompts and rewards, and send them to the trackers."""
+    def _log_samples(self, samples: sample_logging.SampleTable, scores: list[float]) -> None:
+        """`log_completions`: the first `num_images_to_log` rollouts as a table (`output_dir/completions/`, W&B,
+        Trackio) and as a captioned grid (`output_dir/samples/`, TensorBoard)."""
+        table = dataclasses.replace(samples.head(self.args.num_images_to_log), step=self.state.global_step)
+        table.write_parquet(sample_logging.completions_path(self.args.output_dir, table.step))
+        sample_logging.send_table(table, "train/completions", self.args.report_to)
+        if len(table):
+            self._save_sample_grid(table.images, table.prompts, scores, "train", trackers=("tensorboard",))
+
+    def _save_sample_grid(
+        self,
+        images: list,
+        prompts: list[str],
+        rewards: list[float],
+        split: str,
+        trackers: tuple[str, ...] = ("wandb", "trackio", "tensorboard"),
+    ) -> None:
+        """Save the first `num_images_to_log` images with prompts and rewards as a grid, and send it to `trackers`."""
         n = min(self.args.num_images_to_log, len(images))
+        if n == 0:
+            return
         captions = [f"{p[:60]} | {r:.3f}" for p, r in zip(prompts[:n], rewards[:n])]
         step = self.state.global_step
         path = os.path.join(self.args.output_dir, "samples", f"{split}_step{step:06d}.png")
         grid = image_grid(images[:n], captions)
-        save_and_report_image(grid, path, f"{split}/samples", step, self.callback_handler.callbacks)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        grid.save(path)
+        callbacks = self.callback_handler.callbacks
+        sample_logging.send_image(grid, f"{split}/samples", step, self.args.report_to, callbacks, trackers)

@@ -22,16 +22,32 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from PIL import Image
 
-from .file_names import LORA_WEIGHTS_NAME, SAMPLES_NAME, TRAINING_ARGS_NAME, TRANSFORMER_FOLDER
+from .file_names import (
+    COMPLETIONS_FOLDER,
+    LORA_WEIGHTS_NAME,
+    PICKLED_TRAINING_ARGS_NAME,
+    SAMPLE_IMAGES_FOLDER,
+    SAMPLES_NAME,
+    TRAINING_ARGS_NAME,
+    TRANSFORMER_FOLDER,
+)
 from .validation import redact
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 """The Jinja template of the model card, shipped in the package."""
-UPLOAD_IGNORE_PATTERNS = ["_*", "checkpoint-*", "samples/train_*"]
-"""Not uploaded from `output_dir`: private files, checkpoints (uploaded separately per `hub_strategy`) and the training
-sample grids (one per logging step: gigabytes over a long run; `samples.png` and the evaluation grids are uploaded)."""
+UPLOAD_IGNORE_PATTERNS = [
+    "_*",
+    "checkpoint-*",
+    "samples/train_*",
+    f"{COMPLETIONS_FOLDER}/*",
+    PICKLED_TRAINING_ARGS_NAME,
+]
+"""Not uploaded from `output_dir`: private files, checkpoints (uploaded separately per `hub_strategy`), the training
+sample grids and sample tables (one per logging step: gigabytes over a long run; `samples.png`, the widget images and
+the evaluation grids are uploaded) and any pickled `training_args.bin` (the redacted `training_args.json` is)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,35 @@ PREF_GRPO = Paper(
 }""",
     used_for="pairwise-preference (win-rate) advantages",
 )
+
+
+@dataclass(frozen=True)
+class EvalScore:
+    """One mean reward of the last evaluation, for the card's structured evaluation results."""
+
+    metric: str  # the metric type: the reward function's name, or `reward` for the weighted total
+    label: str  # a readable name
+    value: float
+    step: int
+
+
+def last_eval_scores(log_history: list[dict[str, Any]], reward_names: list[str]) -> list[EvalScore]:
+    """The mean rewards of the last logged evaluation (`eval_rewards/<name>/mean` in `reward_names` order, then any
+    other logged one, then the weighted total `eval_reward`); empty if no evaluation was logged."""
+    entry = next((e for e in reversed(log_history) if isinstance(e.get("eval_reward"), (int, float))), None)
+    if entry is None:
+        return []
+    step = int(entry.get("step", 0))
+    logged = [
+        k[len("eval_rewards/") : -len("/mean")] for k in entry if k.startswith("eval_rewards/") and k.endswith("/mean")
+    ]
+    scores = [
+        EvalScore(name, f"Mean {name} (ODE samples, step {step})", float(entry[f"eval_rewards/{name}/mean"]), step)
+        for name in dict.fromkeys([*reward_names, *logged])
+        if isinstance(entry.get(f"eval_rewards/{name}/mean"), (int, float))
+    ]
+    label = f"Mean weighted reward (ODE samples, step {step})"
+    return [*scores, EvalScore("reward", label, float(entry["eval_reward"]), step)]
 
 
 @dataclass(frozen=True)
@@ -255,6 +300,44 @@ class RunSummary:
     inference: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the pipeline call in the loading example."""
     wandb_url: str | None = None
+    """The W&B run of the training, if one was active."""
+    trackio_url: str | None = None
+    """The Trackio Space of the training, if it had one."""
+    widget: list[dict[str, Any]] = field(default_factory=list)
+    """The Hub widget's examples: `{"text": prompt, "output": {"url": "images/sample_<i>.png"}}` (see
+    [`save_widget_images`])."""
+    eval_dataset_name: str | None = None
+    """Hub id of the evaluation prompts, if known (the `dataset.type` of the evaluation results)."""
+    eval_results: list[EvalScore] = field(default_factory=list)
+    """The last evaluation's mean rewards (see [`last_eval_scores`]): the card's structured evaluation results."""
+
+
+def card_tags(tags: list[str], is_lora: bool) -> list[str]:
+    """The metadata tags: `tags`, then what the Hub and diffusers' training scripts put on a diffusers model
+    (`diffusers-training`; for a LoRA `lora` and `template:sd-lora`, the Hub's image-LoRA card template that shows the
+    widget images as a gallery), duplicates dropped."""
+    extra = ["diffusers", "diffusers-training", *(["lora", "template:sd-lora"] if is_lora else [])]
+    return list(dict.fromkeys([*tags, *extra]))
+
+
+def card_eval_results(summary: RunSummary) -> list[EvalResult] | None:
+    """`summary.eval_results` as huggingface_hub `EvalResult`s (the card's `model-index`), or `None` without any."""
+    if not summary.eval_results:
+        return None
+    dataset_type = summary.eval_dataset_name or summary.dataset_name or "custom"
+    count = f" ({summary.num_eval_prompts} prompts)" if summary.num_eval_prompts is not None else ""
+    return [
+        EvalResult(
+            task_type="text-to-image",
+            task_name="Text-to-image",
+            dataset_type=dataset_type,
+            dataset_name=f"Evaluation prompts{count}",
+            metric_type=score.metric,
+            metric_name=score.label,
+            metric_value=score.value,
+        )
+        for score in summary.eval_results
+    ]
 
 
 def generate_model_card(summary: RunSummary) -> ModelCard:
@@ -269,7 +352,10 @@ def generate_model_card(summary: RunSummary) -> ModelCard:
         library_name="diffusers",
         license=summary.license,
         pipeline_tag="text-to-image",
-        tags=list(dict.fromkeys(summary.tags)),
+        tags=card_tags(summary.tags, is_lora),
+        widget=summary.widget or None,
+        model_name=summary.model_name if summary.eval_results else None,
+        eval_results=card_eval_results(summary),
     )
     rewards = ", ".join(f"`{name}`" for name in summary.reward_names)
     preferences = ", ".join(f"`{name}`" for name in summary.preference_names)
@@ -449,10 +535,41 @@ def copy_newest_sample_grid(output_dir: str) -> tuple[str | None, str | None]:
 
 
 def wandb_url() -> str | None:
-    """The URL of the Weights & Biases run of this process, if one is active."""
+    """The URL of the Weights & Biases run of this process, if one is active (`wandb.run.url`)."""
     wandb = sys.modules.get("wandb")
     run = getattr(wandb, "run", None) if wandb is not None else None
     return getattr(run, "url", None) if run is not None else None
+
+
+def trackio_url() -> str | None:
+    """The URL of the Trackio Space this process logs to, if any (`trackio.context_vars.current_space_id`, what
+    transformers' `TrackioCallback` reads); `None` for a local Trackio run or without trackio."""
+    context_vars = getattr(sys.modules.get("trackio"), "context_vars", None)
+    space = getattr(context_vars, "current_space_id", None)
+    space_id = space.get() if space is not None else None
+    return f"https://huggingface.co/spaces/{space_id}" if space_id else None
+
+
+MAX_WIDGET_IMAGES = 4
+"""How many sample images the model card's widget shows."""
+
+
+def save_widget_images(
+    output_dir: str, images: list[Image.Image], prompts: list[str], max_images: int = MAX_WIDGET_IMAGES
+) -> list[dict[str, Any]]:
+    """Save the first `max_images` images as `output_dir/images/sample_<i>.png` (removing older `sample_*.png`) and
+    return the widget entries of the card metadata, `{"text": prompt, "output": {"url": "images/sample_<i>.png"}}`."""
+    if len(images) != len(prompts):
+        raise ValueError(f"save_widget_images got {len(images)} images but {len(prompts)} prompts.")
+    folder = Path(output_dir, SAMPLE_IMAGES_FOLDER)
+    for old in folder.glob("sample_*.png"):
+        old.unlink()
+    widget = []
+    for i, (image, prompt) in enumerate(zip(images[:max_images], prompts)):
+        folder.mkdir(parents=True, exist_ok=True)
+        image.convert("RGB").save(folder / f"sample_{i}.png")
+        widget.append({"text": str(prompt), "output": {"url": f"{SAMPLE_IMAGES_FOLDER}/sample_{i}.png"}})
+    return widget
 
 
 # -------------------------------------------------------------------------------------------------- uploads
@@ -469,7 +586,7 @@ def hf_api() -> Any:
 
 def redacted_args(args: Any) -> Any:
     """A shallow copy of `args` with every `*_token` field set to `None` and secrets in `model_init_kwargs` redacted
-    (safe to pickle into a public repo)."""
+    (safe to write into a public repo)."""
     safe = copy.copy(args)
     for field_ in dataclasses.fields(args):
         if field_.name.endswith("_token") and getattr(safe, field_.name, None) is not None:
@@ -479,11 +596,14 @@ def redacted_args(args: Any) -> Any:
     return safe
 
 
-def save_training_args(args: Any, folder: str) -> None:
-    """Pickle `args`, without any Hub token, as `folder/training_args.bin`."""
-    import torch
-
-    torch.save(redacted_args(args), os.path.join(folder, TRAINING_ARGS_NAME))
+def save_training_args(args: Any, folder: str) -> str:
+    """Write `args` as JSON (`TrainingArguments.to_json_string`), without any Hub token or other secret, to
+    `folder/training_args.json`, and return its path. No pickle: the file is safe to load from an untrusted repo
+    (`FlowGRPOConfig(**{k: v for k, v in json.load(f).items() if not k.endswith("_token")})` rebuilds the config)."""
+    path = os.path.join(folder, TRAINING_ARGS_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(redacted_args(args).to_json_string())
+    return path
 
 
 def copy_model_files(checkpoint_folder: str, output_dir: str) -> None:

@@ -1,7 +1,6 @@
-"""Small helpers shared by the trainer and the CLI: image grids and sending them to trackers."""
+"""Small helpers shared by the trainer and the CLI: image grids."""
 
 import math
-import os
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -45,17 +44,3 @@ def _wrap(text: str, width: int, max_lines: int = 3) -> list[str]:
         lines = lines[:max_lines]
         lines[-1] = lines[-1][: width - 3] + "..."
     return lines
-
-
-def save_and_report_image(image: Image.Image, path: str, key: str, step: int, callbacks: list) -> None:
-    """Save `image` to `path` and send it to the trackers among `callbacks` that accept images."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    image.save(path)
-    for callback in callbacks:
-        name = type(callback).__name__
-        if name == "WandbCallback" and getattr(callback, "_wandb", None) is not None and callback._initialized:
-            callback._wandb.log({key: callback._wandb.Image(image)}, commit=False)
-        elif name == "TensorBoardCallback" and getattr(callback, "tb_writer", None) is not None:
-            import numpy as np
-
-            callback.tb_writer.add_image(key, np.asarray(image), step, dataformats="HWC")
