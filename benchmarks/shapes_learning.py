@@ -112,6 +112,10 @@ def run_seed(seed: int, recipe: dict, cli) -> dict:
     after = evaluate_heldout(trainer.pipeline, images_per_prompt=final_k, keep_images=False, progress=True)
     print(format_comparison(before, after, title=f"seed {seed}"), flush=True)
     print(f"{trainer.state.global_step} optimizer steps, {curve.train_seconds / 60:.1f} min of training", flush=True)
+    if getattr(cli, "save_model_dir", None):  # the trained transformer, to look at its failures later
+        path = os.path.join(cli.save_model_dir, f"seed{seed}")
+        trainer.pipeline.transformer.save_pretrained(path)
+        print(f"saved the trained transformer to {path}", flush=True)
     history = trainer.state.log_history
     return {
         "seed": seed,
@@ -194,6 +198,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     parser.add_argument("--output_dir", default="benchmarks/results/shapes_learning")
     parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--save_model_dir", default=None, help="Save each seed's trained transformer (safetensors) under this folder."
+    )
     cli = parser.parse_args()
     if cli.report:
         return report(cli.report, cli.report_plot)

@@ -92,6 +92,84 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def summarize(
+    runs: dict[str, list[dict]], minutes: float, thresholds: list[float], threads: int, settings: dict
+) -> dict:
+    """Crossing times, final accuracies and the minutes each method needs to reach Flow-GRPO's budget-end accuracy."""
+    summary: dict[str, dict] = {}
+    reference = runs.get("flow_grpo")
+    target = None
+    if reference:  # Flow-GRPO's accuracy at the end of the budget, mean of its seeds
+        target = sum(accuracy_at(r["curve"], minutes) for r in reference) / len(reference)
+    for method, method_runs in runs.items():
+        summary[method] = {
+            "seeds": [r["seed"] for r in method_runs],
+            "final_accuracy": [r["after"]["estimates"]["accuracy"] for r in method_runs],
+            "optimizer_steps": [r["optimizer_steps"] for r in method_runs],
+            "crossings": {str(t): [first_crossing(r["curve"], t) for r in method_runs] for t in thresholds},
+        }
+        if target is not None:
+            summary[method]["to_flow_grpo_final_accuracy"] = [first_crossing(r["curve"], target) for r in method_runs]
+    return {
+        "settings": settings,
+        "minutes": minutes,
+        "threads": threads,
+        "thresholds": thresholds,
+        "flow_grpo_final_accuracy": target,
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+def print_table(results: dict) -> None:
+    thresholds = results["thresholds"]
+    print(
+        f"\n{'method':<11}{'steps':<12}{'final accuracy, 95% interval (per seed)':<48}"
+        + "".join(f"{'min to ' + str(t):>14}" for t in thresholds)
+    )
+    for method, row in results["summary"].items():
+        finals = ", ".join(f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" for e in row["final_accuracy"])
+        steps = "/".join(str(n) for n in row["optimizer_steps"])
+        cells = ""
+        for t in thresholds:
+            hits = row["crossings"][str(t)]
+            text = "/".join("-" if h is None else f"{h['train_minutes']:.1f}" for h in hits)
+            cells += f"{text:>14}"
+        print(f"{method:<11}{steps:<12}{finals:<48}{cells}")
+    target = results["flow_grpo_final_accuracy"]
+    if target is not None:
+        print(
+            f"\nFlow-GRPO's accuracy after {results['minutes']:g} min (curve, mean of seeds): {target:.3f}; "
+            "minutes (steps) to reach it, per seed:"
+        )
+        for method, row in results["summary"].items():
+            hits = row["to_flow_grpo_final_accuracy"]
+            print(
+                f"  {method:<10}"
+                + " / ".join("not reached" if h is None else f"{h['train_minutes']:.1f} ({h['step']})" for h in hits)
+            )
+
+
+def report(paths: list[str], plot_path: str | None, thresholds: list[float]) -> None:
+    """Merge the results.json of runs made separately (e.g. one process per seed) into one table and plot."""
+    merged: dict[str, list[dict]] = {}
+    first = None
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        first = first or results
+        for method, method_runs in results["runs"].items():
+            merged.setdefault(method, []).extend(method_runs)
+    minutes = first.get("minutes", first["settings"]["minutes"])
+    combined = summarize(merged, minutes, thresholds, first["threads"], settings={"merged_from": paths})
+    print_table(combined)
+    if plot_path:
+        plot(combined, plot_path)
+        with open(os.path.splitext(plot_path)[0] + ".json", "w") as f:
+            json.dump(combined, f, indent=1)
+        print(f"wrote {plot_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -103,7 +181,13 @@ def main() -> None:
     parser.add_argument("--final_images_per_prompt", type=int, default=8)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     parser.add_argument("--output_dir", default="benchmarks/results/time_to_quality")
+    parser.add_argument("--save_model_dir", default=None, help="Save each trained transformer under this folder.")
+    parser.add_argument("--report", nargs="+", default=None, help="Merge finished runs' results.json; no training.")
+    parser.add_argument("--report_plot", default=None, help="With --report: write the merged plot (and its .json).")
     cli = parser.parse_args()
+    if cli.report:
+        report(cli.report, cli.report_plot, cli.thresholds)
+        return
     os.makedirs(cli.output_dir, exist_ok=True)
     torch.set_num_threads(cli.threads)
     runs: dict[str, list[dict]] = {}
@@ -116,54 +200,16 @@ def main() -> None:
             eval_every=cli.eval_every,
             curve_images_per_prompt=2,
             final_images_per_prompt=cli.final_images_per_prompt,
+            save_model_dir=os.path.join(cli.save_model_dir, method) if cli.save_model_dir else None,
         )
         print(f"=== {method}: {METHODS[method]}", flush=True)
         runs[method] = [run_seed(seed, recipe, options) for seed in cli.seeds]
-    summary: dict[str, dict] = {}
-    reference = runs.get("flow_grpo")
-    target = None
-    if reference:  # Flow-GRPO's accuracy at the end of the budget, mean of its seeds
-        target = sum(accuracy_at(r["curve"], cli.minutes) for r in reference) / len(reference)
-    for method, method_runs in runs.items():
-        summary[method] = {
-            "final_accuracy": [r["after"]["estimates"]["accuracy"] for r in method_runs],
-            "optimizer_steps": [r["optimizer_steps"] for r in method_runs],
-            "crossings": {str(t): [first_crossing(r["curve"], t) for r in method_runs] for t in cli.thresholds},
-        }
-        if target is not None:
-            summary[method]["to_flow_grpo_final_accuracy"] = [first_crossing(r["curve"], target) for r in method_runs]
-    results = {
-        "settings": vars(cli),
-        "threads": cli.threads,
-        "thresholds": cli.thresholds,
-        "flow_grpo_final_accuracy": target,
-        "summary": summary,
-        "runs": runs,
-    }
-    with open(os.path.join(cli.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        # After every method, so that a crash or an interrupt keeps the methods already run.
+        results = summarize(runs, cli.minutes, cli.thresholds, cli.threads, settings=vars(cli))
+        with open(os.path.join(cli.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
     plot(results, os.path.join(cli.output_dir, "accuracy_vs_minutes.png"))
-
-    print(
-        f"\n{'method':<11}{'final accuracy (95% interval)':<34}"
-        + "".join(f"{'min to ' + str(t):>14}" for t in cli.thresholds)
-    )
-    for method, row in summary.items():
-        finals = ", ".join(f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]" for e in row["final_accuracy"])
-        cells = ""
-        for t in cli.thresholds:
-            hits = row["crossings"][str(t)]
-            text = "/".join("-" if h is None else f"{h['train_minutes']:.1f}" for h in hits)
-            cells += f"{text:>14}"
-        print(f"{method:<11}{finals:<34}{cells}")
-    if target is not None:
-        print(f"\nFlow-GRPO's accuracy after {cli.minutes:g} min (mean of seeds): {target:.3f}; minutes to reach it:")
-        for method, row in summary.items():
-            hits = row["to_flow_grpo_final_accuracy"]
-            print(
-                f"  {method:<10}"
-                + " / ".join("not reached" if h is None else f"{h['train_minutes']:.1f}" for h in hits)
-            )
+    print_table(results)
     print(f"wrote {cli.output_dir}/results.json and accuracy_vs_minutes.png")
 
 
