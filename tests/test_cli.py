@@ -503,3 +503,28 @@ def test_train_help_is_printed_from_the_cache_without_importing_transformers(tmp
     assert first[0] == second[0] and "Flow-GRPO (FlowGRPOConfig):" in second[0]
     (entry,) = (tmp_path / "trl-flow-grpo").iterdir()
     assert entry.read_text(encoding="utf-8") == first[0]
+
+
+def test_a_dora_rslora_lora_from_train_loads_in_diffusers_as_trained(tmp_path, capsys):
+    """The LoRA options reach the saved file: diffusers loads the DoRA magnitudes and the rsLoRA scaling."""
+    from diffusers import DiffusionPipeline
+
+    from trl_flow_grpo import testing
+
+    base, prompts, out = tmp_path / "base", tmp_path / "prompts.txt", tmp_path / "out"
+    testing.make_tiny_sd3_pipeline(seed=0, with_t5=True).save_pretrained(base)
+    prompts.write_text("a red circle\ntwo blue squares\n", encoding="utf-8")
+    main(
+        ["train", "--model_name_or_path", str(base), "--dataset_name", str(prompts), "--reward_funcs"]
+        + ["jpeg_compressibility", "--output_dir", str(out), "--max_steps", "1", "--num_generations", "2"]
+        + ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--height", "32"]
+        + ["--width", "32", "--num_inference_steps", "2", "--max_sequence_length", "256", "--lora_r", "4"]
+        + ["--lora_alpha", "8", "--use_dora", "true", "--use_rslora", "true", "--lora_dropout", "0.1"]
+        + ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", "1"]
+    )
+    assert "step    1/1 | reward" in capsys.readouterr().out
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(str(out))
+    (config,) = pipe.transformer.peft_config.values()
+    assert (config.r, config.lora_alpha, config.use_dora, config.use_rslora) == (4, 8, True, True)
+    assert any("lora_magnitude_vector" in name for name, _ in pipe.transformer.named_parameters())
