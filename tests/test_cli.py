@@ -528,3 +528,27 @@ def test_a_dora_rslora_lora_from_train_loads_in_diffusers_as_trained(tmp_path, c
     (config,) = pipe.transformer.peft_config.values()
     assert (config.r, config.lora_alpha, config.use_dora, config.use_rslora) == (4, 8, True, True)
     assert any("lora_magnitude_vector" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_the_real_torchvision_fallback_warnings_are_silenced_and_nothing_else():
+    """Importing the pipelines (diffusers) without torchvision logs transformers' two fallback warnings; with the
+    CLI's filter they are gone, and a warning from the same logger still shows."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: transformers does not warn")
+    code = (
+        "import logging, sys; from trl_flow_grpo import cli\n"
+        "if sys.argv[1] == 'filtered': cli._silence_torchvision_fallback()\n"
+        "import trl_flow_grpo.pipelines\n"
+        "logging.getLogger('transformers.utils.import_utils').warning('another warning')\n"
+    )
+    runs = {
+        mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True)
+        for mode in ("plain", "filtered")
+    }
+    plain, filtered = runs["plain"].stderr, runs["filtered"].stderr
+    assert "`CLIPImageProcessor` requires torchvision" in plain and "`SiglipImageProcessor`" in plain
+    assert "requires torchvision" not in filtered and "another warning" in filtered
