@@ -110,3 +110,17 @@ def test_fsdp_config_builds_a_plugin_that_wraps_sd3_blocks(version):
     blocks = [m for m in transformer.modules() if type(m).__name__ == "JointTransformerBlock"]
     assert blocks and all(plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0) for m in blocks)
     assert not plugin.auto_wrap_policy(module=transformer, recurse=False, nonwrapped_numel=0)
+
+
+def test_launch_flags_are_split_from_the_scripts_with_their_values():
+    from trl_flow_grpo.accelerate_configs import split_launch_args
+
+    argv = ["--config", "r.yaml", "--num_processes", "4", "--learning_rate", "1e-4", "--main_process_port=29501"]
+    argv += ["--multi_gpu", "--debug", "underflow_overflow", "--gpu_ids", "0,1,2,3", "--seed", "-1"]
+    launch, rest = split_launch_args(argv, ["config", "learning_rate", "debug", "seed"])
+    assert launch == ["--num_processes", "4", "--main_process_port=29501", "--multi_gpu", "--gpu_ids", "0,1,2,3"]
+    assert rest == ["--config", "r.yaml", "--learning_rate", "1e-4", "--debug", "underflow_overflow", "--seed", "-1"]
+    with pytest.raises(ValueError, match="--config_file is set by --accelerate_config"):
+        split_launch_args(["--config_file", "x.yaml"], [])
+    with pytest.raises(ValueError, match="--num_processes needs a value"):
+        split_launch_args(["--num_processes"], [])

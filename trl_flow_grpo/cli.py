@@ -668,33 +668,14 @@ def _after_interrupt(trainer, interrupt: KeyboardInterrupt) -> str:
 
 
 # ----------------------------------------------------------------------------------------- accelerate launch
-def shipped_accelerate_configs() -> list[str]:
-    """Names of the shipped accelerate configs (TRL's names), without the earlier aliases."""
-    from importlib.resources import files
-
-    shipped = files("trl_flow_grpo") / "accelerate_configs"
-    return sorted(p.name.removesuffix(".yaml") for p in shipped.iterdir() if p.name.endswith(".yaml"))
-
-
 def accelerate_config_path(name_or_path: str) -> str:
-    """A shipped accelerate config by name (`single_gpu`, `multi_gpu`, `zero1`, `zero2`, `zero3`, `fsdp1`, `fsdp2`;
-    `deepspeed_zero2` and `fsdp` are aliases of `zero2` and `fsdp2`), or a file path."""
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    from importlib.resources import files
+    """A shipped accelerate config by name (TRL's names, or the aliases `deepspeed_zero2`, `fsdp`), or a file path."""
+    from .accelerate_configs import config_path
 
-    from .accelerate_configs import ALIASES
-
-    name = name_or_path.removesuffix(".yaml")
-    name = ALIASES.get(name, name)
-    names = shipped_accelerate_configs()
-    if name not in names:
-        aliases = ", ".join(f"{old} = {new}" for old, new in ALIASES.items())
-        raise SystemExit(
-            f"trl-flow-grpo: --accelerate_config {name_or_path!r} is neither a file nor a shipped config; shipped "
-            f"configs: {', '.join(names)} (aliases: {aliases})."
-        )
-    return str(files("trl_flow_grpo") / "accelerate_configs" / f"{name}.yaml")
+    try:
+        return config_path(name_or_path)
+    except ValueError as error:
+        raise SystemExit(f"trl-flow-grpo: {error}") from None
 
 
 def _pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
@@ -713,45 +694,17 @@ def _pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
     return rest, value
 
 
-def split_launch_args(argv: list[str], script_options: list[str]) -> tuple[list[str], list[str]]:
-    """Split `train`'s arguments into `accelerate launch`'s flags and the script's, as `trl <cmd>` does: a flag of
-    `accelerate launch` (`--num_processes 4`, `--main_process_port=29501`, `--mixed_precision bf16`, ...) that `train`
-    does not have goes to accelerate, with its value; everything else stays with the script (a flag both have, such
-    as `--debug`, is the script's)."""
-    from accelerate.commands.launch import launch_command_parser
-
-    actions = launch_command_parser()._option_string_actions
-    script = set(script_options)
-    launch, rest, i = [], [], 0
-    while i < len(argv):
-        flag = argv[i].split("=", 1)[0]
-        action = actions.get(flag) if flag.startswith("-") and flag.lstrip("-") not in script else None
-        if action is None:
-            rest.append(argv[i])
-            i += 1
-            continue
-        if flag in ("--config_file", "-m", "--module", "--no_python"):
-            raise SystemExit(
-                f"trl-flow-grpo: {flag} is set by --accelerate_config; pass your own accelerate config file as "
-                "--accelerate_config PATH."
-            )
-        takes_value = action.nargs != 0 and "=" not in argv[i]
-        if takes_value and action.nargs == "?":
-            takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("-")
-        end = i + 2 if takes_value else i + 1
-        if takes_value and end > len(argv):
-            raise SystemExit(f"trl-flow-grpo: the accelerate launch flag {flag} needs a value.")
-        launch += argv[i:end]
-        i = end
-    return launch, rest
-
-
 def launch_with_accelerate(config: str, command: str, argv: list[str]) -> int:
     """Run `trl-flow-grpo <command> argv` under `accelerate launch --config_file <config>` (plus the accelerate
     launch flags found in argv); return its exit code."""
+    from .accelerate_configs import split_launch_args
+
     config_path = accelerate_config_path(config)
     parser = _parser(demo=False)
-    launch, rest = split_launch_args(argv, _option_names(parser))
+    try:
+        launch, rest = split_launch_args(argv, _option_names(parser))
+    except ValueError as error:
+        raise SystemExit(f"trl-flow-grpo: {error}") from None
     _check_flags(parser, rest)  # a misspelt flag fails here, not in every launched process
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_path, *launch]
     cmd += ["-m", "trl_flow_grpo.cli", command, *rest]
