@@ -399,6 +399,9 @@ def test_a_hub_name_that_is_not_cached_offline_is_a_one_line_error(tmp_path, mon
     name = model if kind == "model" else dataset
     assert message.startswith(f"trl-flow-grpo train: the {kind} {name!r} is not in the local Hugging Face cache")
     assert "HF_HUB_OFFLINE is set" in message and "examples/shapes_grpo.yaml" in message and "\n" not in message
+    if kind == "model":  # `sample` says the same about its base pipeline
+        with pytest.raises(SystemExit, match=r"^trl-flow-grpo sample: the model 'nobody-xyz/not-a-cached-pipeline'"):
+            main(["sample", "--model_name_or_path", model, "--prompts", "a cat", "--output_dir", str(tmp_path / "s")])
 
 
 def test_sample_writes_into_its_output_dir_and_prints_each_images_rewards(tmp_path, capsys, monkeypatch):

@@ -509,29 +509,29 @@ def _hub_unavailable(error: BaseException) -> bool:
     return False
 
 
-def _hub_unavailable_message(kind: str, name: str) -> str:
+def _hub_unavailable_message(command: str, kind: str, name: str) -> str:
     """One line: what is missing and what to do."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
     repo_type = " --repo-type dataset" if kind == "dataset" else ""
     local = "a local folder or data file" if kind == "dataset" else "a local pipeline folder"
     return (
-        f"trl-flow-grpo train: the {kind} {name!r} is not in the local Hugging Face cache and {why}. Download it on a "
-        f"machine with network (`hf download {name}{repo_type}`; set HF_HOME to share the cache), "
+        f"trl-flow-grpo {command}: the {kind} {name!r} is not in the local Hugging Face cache and {why}. Download it "
+        f"on a machine with network (`hf download {name}{repo_type}`; set HF_HOME to share the cache), "
         f"{'unset HF_HUB_OFFLINE, ' if offline else ''}or pass {local} (--{kind}_name"
         f"{'_or_path' if kind == 'model' else ''} PATH); the offline recipe is examples/shapes_grpo.yaml."
     )
 
 
 @contextlib.contextmanager
-def _hub_errors_as_one_line(kind: str, name: str | None) -> Iterator[None]:
+def _hub_errors_as_one_line(command: str, kind: str, name: str | None) -> Iterator[None]:
     """A Hub download that fails offline becomes a one-line error that says what to do, not a traceback."""
     try:
         yield
     except (OSError, ValueError) as error:
         if name is None or os.path.exists(name) or not _hub_unavailable(error):
             raise
-        raise SystemExit(_hub_unavailable_message(kind, name)) from None
+        raise SystemExit(_hub_unavailable_message(command, kind, name)) from None
 
 
 def train(argv: list[str]) -> None:
@@ -571,9 +571,9 @@ def train(argv: list[str]) -> None:
     else:
         model = script_args.model_name_or_path
         _with_revision(training_args, script_args.model_revision)
-    with _hub_errors_as_one_line("dataset", script_args.dataset_name):
+    with _hub_errors_as_one_line("train", "dataset", script_args.dataset_name):
         train_dataset, eval_dataset = _load_datasets(script_args)
-    with _hub_errors_as_one_line("model", model if isinstance(model, str) else None):
+    with _hub_errors_as_one_line("train", "model", model if isinstance(model, str) else None):
         trainer = FlowGRPOTrainer(
             model=model,
             reward_funcs=script_args.reward_funcs,
@@ -812,6 +812,11 @@ def sample(argv: list[str]) -> None:
     if args.dtype != "auto" and args.dtype not in dtypes:
         raise SystemExit(f"trl-flow-grpo sample: --dtype must be auto, {', '.join(dtypes)}; got {args.dtype!r}.")
     dtype = dtypes.get(args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+    # diffusers >= 0.36 takes `dtype` and warns about `torch_dtype`; 0.35 only knows `torch_dtype`.
+    from diffusers import __version__ as diffusers_version
+    from packaging.version import Version
+
+    load_dtype = {"dtype" if Version(diffusers_version) >= Version("0.36") else "torch_dtype": dtype}
     if args.model_name_or_path in (None, BUILTIN_SHAPES):
         from .toy.model import SHAPES_SAMPLING, load_shapes_pipeline
 
@@ -819,13 +824,13 @@ def sample(argv: list[str]) -> None:
         extra = {"max_sequence_length": SHAPES_SAMPLING["max_sequence_length"]}
         args.height, args.width = args.height or SHAPES_SAMPLING["height"], args.width or SHAPES_SAMPLING["width"]
     else:
-        with _hub_errors_as_one_line("model", args.model_name_or_path):
-            pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, torch_dtype=dtype)
+        with _hub_errors_as_one_line("sample", "model", args.model_name_or_path):
+            pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, **load_dtype)
         extra = {}
     if args.lora is not None:
         transformer_dir = os.path.join(args.lora, TRANSFORMER_FOLDER)
         if os.path.isdir(transformer_dir):  # a full fine-tuning output
-            pipe.transformer = type(pipe.transformer).from_pretrained(transformer_dir, torch_dtype=dtype)
+            pipe.transformer = type(pipe.transformer).from_pretrained(transformer_dir, **load_dtype)
         else:
             with _without_text_encoder_lora_warnings():  # the trainer's LoRAs have no text encoder keys
                 pipe.load_lora_weights(args.lora)
