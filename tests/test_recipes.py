@@ -45,3 +45,38 @@ def test_recipe_parses_with_the_cli_parser(path):
     if script_args.model_name_or_path is not None:
         assert script_args.dataset_name, f"{path.name} needs dataset_name"
         assert script_args.reward_funcs or getattr(script_args, "preference_funcs", None)
+
+
+SHAPES_RECIPE_FILE = EXAMPLES / "shapes_grpo.yaml"
+
+
+def test_the_shapes_recipe_is_the_demos():
+    """examples/shapes_grpo.yaml holds the shapes world's recipe and the demo's settings: when the recipe in
+    trl_flow_grpo/toy/recipe.py changes, this file must change with it."""
+    from trl_flow_grpo.cli import DEMO_OVERRIDES
+    from trl_flow_grpo.toy.recipe import SHAPES_RECIPE
+
+    raw = yaml.safe_load(SHAPES_RECIPE_FILE.read_text(encoding="utf-8"))
+    expected = {**SHAPES_RECIPE, **DEMO_OVERRIDES}
+    assert {key: raw.get(key) for key in expected} == expected
+    assert raw["model_name_or_path"] == raw["dataset_name"] == "builtin:shapes"
+
+
+def test_the_shapes_recipe_trains_offline(tmp_path, capsys, monkeypatch):
+    """The offline recipe runs as written (HF_HUB_OFFLINE=1), shrunk to two tiny steps from the command line."""
+    import huggingface_hub.constants
+
+    from trl_flow_grpo.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    main(
+        ["train", "--config", str(SHAPES_RECIPE_FILE), "--output_dir", str(tmp_path), "--max_steps", "2"]
+        + ["--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
+        + ["--num_inference_steps", "2", "--eval_num_inference_steps", "1", "--logging_steps", "1"]
+        + ["--disable_tqdm", "true"]
+    )
+    out = capsys.readouterr().out
+    assert "step    2/2 | reward" in out
+    assert "eval_rewards/shapes_geneval/mean" in out  # held-out reward before and after
+    assert (tmp_path / "transformer" / "config.json").is_file()

@@ -1,19 +1,28 @@
 """The `trl-flow-grpo` command.
 
-    trl-flow-grpo train [--config recipe.yaml] [--accelerate_config NAME_OR_PATH] [--<field> VALUE ...]
-    trl-flow-grpo sample [--model_name_or_path ID] [--lora DIR_OR_REPO] --prompts "a cat" "a dog" [--output grid.png]
+    trl-flow-grpo train [--config recipe.yaml] [--accelerate_config NAME_OR_PATH [--num_processes N ...]]
+                        [--<field> VALUE ...]
+    trl-flow-grpo sample [--model_name_or_path ID] [--lora DIR_OR_REPO] --prompts "a cat" "a dog"
+                         [--reward_funcs NAME ...] [--output_dir samples]
 
 Arguments are the fields of `TrainScriptArguments` and `FlowGRPOConfig` (`train`) or `SampleArguments` (`sample`),
 in TRL's conventions (`TrlParser`: YAML defaults with `--config`, command-line overrides, an `env:` block). Without
 `--model_name_or_path`, `train` trains the built-in offline demo: the shipped pretrained shapes model
 (`trl_flow_grpo.toy`), its prompts and the rule-based GenEval-like `shapes_geneval` reward, reporting held-out
 accuracy per category before and after. `--accelerate_config` relaunches `train` under `accelerate launch` with a
-shipped config (`single_gpu`, `multi_gpu`, `deepspeed_zero2`, `fsdp`) or your own file.
+shipped config (TRL's names: `single_gpu`, `multi_gpu`, `zero1`, `zero2`, `zero3`, `fsdp1`, `fsdp2`) or your own
+file; `accelerate launch`'s own flags (`--num_processes`, `--main_process_port`, `--mixed_precision`, ...) go to it,
+as with `trl <command> --accelerate_config`. `model_name_or_path: builtin:shapes` and `dataset_name: builtin:shapes`
+name the shipped shapes model and its prompts in a recipe (examples/shapes_grpo.yaml).
 """
 
+import contextlib
+import logging
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .file_names import TRANSFORMER_FOLDER
@@ -42,10 +51,58 @@ def demo_defaults() -> dict:
     return {**SHAPES_RECIPE, **DEMO_OVERRIDES}
 
 
+BUILTIN_SHAPES = "builtin:shapes"
+"""`model_name_or_path` / `dataset_name` value naming the shipped shapes model / its training and held-out prompts."""
+
+# Messages of other libraries that every command would print although nothing is wrong; each filter drops exactly
+# its message and nothing else the logger says.
+_TORCHVISION_FALLBACK = re.compile(
+    r"^`(CLIPImageProcessor|SiglipImageProcessor)` requires torchvision \(not installed\); falling back to "
+)
+"""transformers, when diffusers' pipeline modules import the CLIP / SigLIP image processors (unused here)."""
+_NO_TEXT_ENCODER_LORA = re.compile(r"^No LoRA keys associated to \w+ found with the prefix='text_encoder")
+"""diffusers' `load_lora_weights`, once per text encoder, for a LoRA of the transformer only (as the trainer saves)."""
+
+
+class _DropMessage(logging.Filter):
+    """A logging filter that drops the records whose message matches `pattern`."""
+
+    def __init__(self, pattern: re.Pattern):
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def _silence_torchvision_fallback() -> None:
+    """Drop transformers' two "requires torchvision (not installed)" warnings (installed once per process)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropMessage) and f.pattern is _TORCHVISION_FALLBACK for f in logger.filters):
+        logger.addFilter(_DropMessage(_TORCHVISION_FALLBACK))
+
+
+@contextlib.contextmanager
+def _without_text_encoder_lora_warnings() -> Iterator[None]:
+    """During `pipe.load_lora_weights(...)` of a transformer-only LoRA: no "No LoRA keys associated to
+    CLIPTextModelWithProjection" warning per text encoder (a LoRA with no transformer keys still warns)."""
+    logger, drop = logging.getLogger("diffusers.loaders.lora_base"), _DropMessage(_NO_TEXT_ENCODER_LORA)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _sd3_lora_targets() -> tuple[str, ...]:
     from .pipelines.sd3 import LORA_TARGET_MODULES  # imported lazily: `trl-flow-grpo --help` stays light
 
     return LORA_TARGET_MODULES
+
+
+def _plural(count: int, noun: str) -> str:
+    """`1 prompt`, `2 prompts`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @dataclass
@@ -54,10 +111,15 @@ class TrainScriptArguments:
 
     Parameters:
         model_name_or_path (`str`, *optional*):
-            Hub id or local path of a diffusers pipeline. Unset: the built-in offline demo pipeline.
+            Hub id or local path of a diffusers pipeline, or `builtin:shapes` (the shipped shapes model). Unset: the
+            built-in offline demo.
+        model_revision (`str`, *optional*):
+            Branch, tag or commit of `model_name_or_path` on the Hub (`from_pretrained(revision=...)`); unset: the
+            default branch.
         dataset_name (`str`, *optional*):
-            Hub dataset id, local dataset folder, or a data file (`.json`, `.jsonl`, `.csv`, `.txt`, `.parquet`).
-            Unset: the built-in demo prompts.
+            Hub dataset id, local dataset folder, a data file (`.json`, `.jsonl`, `.csv`, `.txt`, `.parquet`), or
+            `builtin:shapes` (the shapes world's training prompts, evaluated on its held-out captions). Unset: the
+            built-in demo prompts. A Hub id is recorded in the model card's metadata.
         dataset_config (`str`, *optional*):
             Dataset configuration name.
         dataset_train_split (`str`, *optional*, defaults to `"train"`):
@@ -79,14 +141,27 @@ class TrainScriptArguments:
             LoRA rank.
         lora_alpha (`int`, *optional*, defaults to `64`):
             LoRA alpha.
+        lora_dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout on the LoRA's input (TRL's `ModelConfig` defaults to 0.05; Flow-GRPO trains without).
         lora_target_modules (`list[str]`, *optional*):
             Modules that get a LoRA; defaults to the attention projections (Flow-GRPO's choice).
+        use_rslora (`bool`, *optional*, defaults to `False`):
+            Rank-stabilized LoRA: scale the update by `lora_alpha / sqrt(lora_r)` instead of `lora_alpha / lora_r`.
+        use_dora (`bool`, *optional*, defaults to `False`):
+            DoRA (weight-decomposed LoRA): a learned magnitude per output feature on top of the LoRA direction.
         heldout_images_per_prompt (`int`, *optional*, defaults to `4`):
             Demo only: images per held-out caption in the before/after evaluation (more: a narrower interval).
     """
 
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Pipeline id or path; unset: demo."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Dataset id, folder or data file."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pipeline id or path, or builtin:shapes; unset: the offline demo."}
+    )
+    model_revision: str | None = field(
+        default=None, metadata={"help": "Branch, tag or commit of model_name_or_path on the Hub."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Dataset id, folder, data file, or builtin:shapes; unset: the demo prompts."}
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on."})
@@ -102,31 +177,137 @@ class TrainScriptArguments:
     use_peft: bool = field(default=True, metadata={"help": "Train a LoRA instead of the whole transformer."})
     lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(_sd3_lora_targets()),
-        metadata={"help": "Modules that get a LoRA."},
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA's input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules that get a LoRA; unset: the attention projections (to_q, to_k, ...)."},
     )
+    use_rslora: bool = field(
+        default=False, metadata={"help": "Rank-stabilized LoRA: scale by lora_alpha / sqrt(lora_r)."}
+    )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA."})
     heldout_images_per_prompt: int = field(
         default=4, metadata={"help": "Demo only: images per held-out caption in the before/after evaluation."}
     )
 
 
-def _parser(demo: bool):
+_TRAIN_USAGE = (
+    "trl-flow-grpo train [--config recipe.yaml] [--accelerate_config NAME_OR_PATH [accelerate launch flags]] "
+    "[--<option> VALUE ...]"
+)
+_TRAIN_DESCRIPTION = (
+    "Train a diffusers flow-matching pipeline with Flow-GRPO. Options in a recipe (--config) are overridden by the "
+    "command line. Without --model_name_or_path this trains the built-in offline demo (the shipped shapes model, its "
+    "prompts, the shapes_geneval reward), which changes some defaults: those options say '[demo: VALUE]' (the demo "
+    "settings are trl_flow_grpo.toy.recipe.SHAPES_RECIPE plus trl_flow_grpo.cli.DEMO_OVERRIDES)."
+)
+_NO_FLAG_HELP = {"use_peft": "Train the whole transformer (full fine-tuning) instead of a LoRA."}
+"""Help of the `--no_<field>` flags HfArgumentParser adds for a boolean field that defaults to True (it would repeat
+the field's own help, which says the opposite)."""
+
+
+def _group_options(parser, demo: dict) -> None:
+    """Group the options of `train --help`: the script's, FlowGRPOConfig's own, then the ones inherited from
+    transformers' TrainingArguments; mark the values the demo uses instead of the defaults."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    from .flow_grpo_config import FlowGRPOConfig
+
+    script = {f.name for f in fields(TrainScriptArguments)}
+    inherited = {f.name for f in fields(TrainingArguments)} - set(vars(FlowGRPOConfig).get("__annotations__", {}))
+    groups = [
+        (parser.add_argument_group("trl-flow-grpo train: model, data, rewards, LoRA"), lambda d: d in script),
+        (parser.add_argument_group("Flow-GRPO (FlowGRPOConfig)"), lambda d: d not in script and d not in inherited),
+        (parser.add_argument_group("Training arguments inherited from transformers (TrainingArguments)"), None),
+    ]
+    for action in list(parser._optionals._group_actions):
+        if action.dest in ("help", "config"):
+            continue
+        dest = action.dest
+        negated = [o for o in action.option_strings if o.startswith("--no_")]
+        if negated:
+            action.help = _NO_FLAG_HELP.get(dest, f"Set {dest} to False.")
+        elif dest in demo and demo[dest] != action.default:
+            value = demo[dest]
+            value = " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+            action.help = f"{action.help or ''} [demo: {value.replace('%', '%%')}]".strip()
+        group = next(g for g, belongs in groups if belongs is None or belongs(dest))
+        parser._optionals._group_actions.remove(action)
+        group._group_actions.append(action)
+
+
+def _help_cache_path() -> str:
+    """Where `train --help` keeps its text: keyed by every source file of the package, the versions of the libraries
+    whose fields it lists and the terminal width, so any change to them writes a fresh one."""
+    import hashlib
+    import shutil
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    for name in ("transformers", "trl", "peft", "accelerate"):
+        try:
+            digest.update(f"{name}=={version(name)}".encode())
+        except PackageNotFoundError:
+            digest.update(name.encode())
+    digest.update(str(shutil.get_terminal_size().columns).encode())
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "trl-flow-grpo", f"train-help-{digest.hexdigest()[:16]}.txt")
+
+
+def _print_train_help() -> None:
+    """`train --help`. Building the parser imports transformers' TrainingArguments (torch, peft: seconds), so the text
+    is kept in the user's cache and printed from there until the package or those libraries change."""
+    path = _help_cache_path()
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            print(f.read(), end="")
+        return
+    text = _parser(demo=False, for_help=True).format_help()
+    print(text, end="")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
+    except OSError:  # a read-only home: the help is rebuilt each time
+        pass
+
+
+def _parser(demo: bool, for_help: bool = False):
+    """The parser of `train`: `TrainScriptArguments` and `FlowGRPOConfig`; with `demo`, the demo's defaults."""
     from trl import TrlParser
 
     from .flow_grpo_config import FlowGRPOConfig
 
-    parser = TrlParser((TrainScriptArguments, FlowGRPOConfig), prog="trl-flow-grpo train")
+    parser = TrlParser(
+        (TrainScriptArguments, FlowGRPOConfig),
+        prog="trl-flow-grpo train",
+        usage=_TRAIN_USAGE,
+        description=_TRAIN_DESCRIPTION,
+    )
     if demo:
         parser.set_defaults(**demo_defaults())
+    if for_help:
+        _group_options(parser, demo_defaults())
     return parser
 
 
-def _check_flags(parser, argv: list[str]) -> None:
+def _option_names(parser) -> list[str]:
+    """The `--flags` of a TrlParser, `--config` (which it reads itself) included."""
+    return ["config"] + [option[2:] for option in parser._option_string_actions if option.startswith("--")]
+
+
+def _check_flags(parser, argv: list[str], extra: list[str] = ()) -> None:
     """A misspelt `--flag` is an error that suggests the nearest right one (argparse only lists it)."""
     from .validation import suggest_flags
 
-    known = [option[2:] for option in parser._option_string_actions if option.startswith("--")]
+    known = _option_names(parser) + list(extra)
     unknown = [arg for arg in argv if arg.startswith("--") and arg.split("=", 1)[0][2:] not in known]
     hints = suggest_flags(unknown, known)
     if hints:
@@ -152,8 +333,33 @@ def _check_lora(lora: str) -> None:
         )
 
 
+DATA_FILE_BUILDERS = {"json": "json", "jsonl": "json", "csv": "csv", "txt": "text", "parquet": "parquet"}
+"""Extension of a `dataset_name` that is a data file -> the `datasets` builder that reads it."""
+
+
+def _shapes_prompts():
+    """The shapes world's prompts: `train` (the demo's training prompts), `test` (the held-out captions)."""
+    from datasets import Dataset, DatasetDict
+
+    from .toy import all_captions, make_prompt_dataset
+
+    return DatasetDict(
+        train=make_prompt_dataset(DEMO_NUM_PROMPTS, seed=0, split="train"),
+        test=Dataset.from_dict({"prompt": all_captions("test")}),
+    )
+
+
+def hub_dataset_id(dataset_name: str | None) -> str | None:
+    """The Hub id a `dataset_name` names (recorded in the model card), or `None` for a file, folder or built-in."""
+    if not dataset_name or dataset_name == BUILTIN_SHAPES or os.path.exists(dataset_name):
+        return None
+    if "." in dataset_name and dataset_name.rsplit(".", 1)[-1].lower() in DATA_FILE_BUILDERS:
+        return None
+    return dataset_name
+
+
 def _load_datasets(script_args: TrainScriptArguments):
-    from datasets import Dataset, load_dataset
+    from datasets import load_dataset
 
     if script_args.dataset_name is None:
         if script_args.model_name_or_path is not None:
@@ -161,15 +367,14 @@ def _load_datasets(script_args: TrainScriptArguments):
                 "--dataset_name is required with --model_name_or_path: a Hub dataset id, a dataset folder or a file "
                 "of prompts (.txt with one prompt per line, .json/.jsonl/.csv/.parquet with a 'prompt' column)."
             )
-        from .toy import all_captions, make_prompt_dataset
-
-        train = make_prompt_dataset(DEMO_NUM_PROMPTS, seed=0, split="train")
-        return train, Dataset.from_dict({"prompt": all_captions("test")})
+        shapes = _shapes_prompts()
+        return shapes["train"], shapes["test"]
     name = script_args.dataset_name
     extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    builders = {"json": "json", "jsonl": "json", "csv": "csv", "txt": "text", "parquet": "parquet"}
-    if extension in builders:
-        dataset = load_dataset(builders[extension], data_files=name)
+    if name == BUILTIN_SHAPES:
+        dataset = _shapes_prompts()
+    elif extension in DATA_FILE_BUILDERS:
+        dataset = load_dataset(DATA_FILE_BUILDERS[extension], data_files=name)
     else:
         dataset = load_dataset(name, script_args.dataset_config)
 
@@ -188,16 +393,28 @@ def _load_datasets(script_args: TrainScriptArguments):
     return prepare(script_args.dataset_train_split), test
 
 
+def _each_reward(logs: dict, prefix: str = "") -> str:
+    """` (a +0.1000, b -0.2000)`: each reward's mean when there are several (the total is their weighted sum)."""
+    head = f"{prefix}rewards/"
+    values = [
+        (key[len(head) : -len("/mean")], logs[key]) for key in logs if key.startswith(head) and key.endswith("/mean")
+    ]
+    if len(values) < 2:
+        return ""
+    return " (" + ", ".join(f"{name} {value:+.4f}" for name, value in values) + ")"
+
+
 def _log_line(state, logs: dict) -> str | None:
-    """One short line for a log entry: the reward and its change since the first log, or the held-out reward."""
+    """One short line for a log entry: the reward (and each reward when there are several), KL and loss, or the
+    held-out reward."""
     step = f"step {state.global_step:>4}/{state.max_steps}" if state.max_steps else "before training"
     if "reward" in logs:
         return (
-            f"{step} | reward {logs['reward']:+.4f} | kl {logs.get('kl', 0.0):.2e} | "
+            f"{step} | reward {logs['reward']:+.4f}{_each_reward(logs)} | kl {logs.get('kl', 0.0):.2e} | "
             f"loss {logs.get('loss', float('nan')):+.2e}"
         )
     if "eval_reward" in logs:
-        return f"{step} | held-out reward {logs['eval_reward']:+.4f}"
+        return f"{step} | held-out reward {logs['eval_reward']:+.4f}{_each_reward(logs, 'eval_')}"
     return None
 
 
@@ -229,7 +446,7 @@ def _demo_evaluation(trainer, images_per_prompt: int):
 
     def evaluate():
         args = trainer.args
-        print(f"Held-out evaluation: {images_per_prompt} images per held-out caption...", flush=True)
+        print(f"Held-out evaluation: {_plural(images_per_prompt, 'image')} per held-out caption...", flush=True)
         result = evaluate_heldout(
             trainer.pipeline,
             images_per_prompt=images_per_prompt,
@@ -245,17 +462,89 @@ def _demo_evaluation(trainer, images_per_prompt: int):
     return evaluate
 
 
+def lora_config(script_args: TrainScriptArguments):
+    """The `peft.LoraConfig` of `train`'s LoRA options, or `None` without `use_peft`."""
+    if not script_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=script_args.lora_r,
+        lora_alpha=script_args.lora_alpha,
+        lora_dropout=script_args.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(script_args.lora_target_modules or _sd3_lora_targets()),
+        use_rslora=script_args.use_rslora,
+        use_dora=script_args.use_dora,
+    )
+
+
+def _with_revision(training_args, revision: str | None) -> None:
+    """Pass `--model_revision` to `DiffusionPipeline.from_pretrained` (through `model_init_kwargs`)."""
+    if revision is None:
+        return
+    kwargs = dict(training_args.model_init_kwargs or {})
+    if kwargs.get("revision", revision) != revision:
+        raise ValueError(
+            f"--model_revision {revision!r} and model_init_kwargs revision {kwargs['revision']!r} disagree; set one."
+        )
+    training_args.model_init_kwargs = {**kwargs, "revision": revision}
+
+
+def _hub_unavailable(error: BaseException) -> bool:
+    """Whether `error` (from `from_pretrained` or `load_dataset`) says the Hub could not be reached (offline mode or no
+    network) for something that is not in the local cache."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    markers = ("not fully cached locally", "OfflineModeIsEnabled", "outgoing traffic has been disabled")
+    markers += ("Couldn't reach", "Failed to resolve", "Connection refused", "Max retries exceeded")
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, LocalEntryNotFoundError | OfflineModeIsEnabled | ConnectionError):
+            return True
+        if any(marker in str(current) for marker in markers):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _hub_unavailable_message(command: str, kind: str, name: str) -> str:
+    """One line: what is missing and what to do."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+    repo_type = " --repo-type dataset" if kind == "dataset" else ""
+    local = "a local folder or data file" if kind == "dataset" else "a local pipeline folder"
+    return (
+        f"trl-flow-grpo {command}: the {kind} {name!r} is not in the local Hugging Face cache and {why}. Download it "
+        f"on a machine with network (`hf download {name}{repo_type}`; set HF_HOME to share the cache), "
+        f"{'unset HF_HUB_OFFLINE, ' if offline else ''}or pass {local} (--{kind}_name"
+        f"{'_or_path' if kind == 'model' else ''} PATH); the offline recipe is examples/shapes_grpo.yaml."
+    )
+
+
+@contextlib.contextmanager
+def _hub_errors_as_one_line(command: str, kind: str, name: str | None) -> Iterator[None]:
+    """A Hub download that fails offline becomes a one-line error that says what to do, not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        if name is None or os.path.exists(name) or not _hub_unavailable(error):
+            raise
+        raise SystemExit(_hub_unavailable_message(command, kind, name)) from None
+
+
 def train(argv: list[str]) -> None:
     """`trl-flow-grpo train`: parse, load, train, evaluate before and after, save."""
-    _check_flags(_parser(demo=False), argv)
-    script_args, _ = _parser(demo=False).parse_args_and_config(argv)
+    if "-h" in argv or "--help" in argv:
+        _print_train_help()
+        return
+    parser = _parser(demo=False)
+    _check_flags(parser, argv)
+    script_args, training_args = parser.parse_args_and_config(argv)
     demo = script_args.model_name_or_path is None
     if demo:
         script_args, training_args = _parser(demo=True).parse_args_and_config(argv)
-    else:
-        script_args, training_args = _parser(demo=False).parse_args_and_config(argv)
-
-    from peft import LoraConfig
 
     from .flow_grpo_trainer import FlowGRPOTrainer
 
@@ -275,35 +564,35 @@ def train(argv: list[str]) -> None:
             "optimizer steps.",
             flush=True,
         )
+    elif script_args.model_name_or_path == BUILTIN_SHAPES:
+        from .toy.model import SHAPES_MODEL_PATH
+
+        model = str(SHAPES_MODEL_PATH)
     else:
         model = script_args.model_name_or_path
-    train_dataset, eval_dataset = _load_datasets(script_args)
-    peft_config = None
-    if script_args.use_peft:
-        peft_config = LoraConfig(
-            r=script_args.lora_r,
-            lora_alpha=script_args.lora_alpha,
-            init_lora_weights="gaussian",
-            target_modules=script_args.lora_target_modules,
+        _with_revision(training_args, script_args.model_revision)
+    with _hub_errors_as_one_line("train", "dataset", script_args.dataset_name):
+        train_dataset, eval_dataset = _load_datasets(script_args)
+    with _hub_errors_as_one_line("train", "model", model if isinstance(model, str) else None):
+        trainer = FlowGRPOTrainer(
+            model=model,
+            reward_funcs=script_args.reward_funcs,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            peft_config=lora_config(script_args),
+            preference_funcs=script_args.preference_funcs,
         )
-    trainer = FlowGRPOTrainer(
-        model=model,
-        reward_funcs=script_args.reward_funcs,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        peft_config=peft_config,
-        preference_funcs=script_args.preference_funcs,
-    )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_concise_logging(show_bar=not training_args.disable_tqdm))
+    prompts_per_step = training_args.generation_batch_size // training_args.num_generations
     print(
-        f"One optimizer step: {training_args.generation_batch_size} images "
-        f"({training_args.generation_batch_size // training_args.num_generations} prompts x "
-        f"{training_args.num_generations}), {training_args.num_sde_steps} SDE steps each.",
+        f"One optimizer step: {_plural(training_args.generation_batch_size, 'image')} "
+        f"({_plural(prompts_per_step, 'prompt')} x {training_args.num_generations}), "
+        f"{_plural(training_args.num_sde_steps, 'SDE step')} each.",
         flush=True,
     )
     evaluate = _demo_evaluation(trainer, script_args.heldout_images_per_prompt) if demo else trainer.evaluate
@@ -316,11 +605,17 @@ def train(argv: list[str]) -> None:
     try:
         trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt as interrupt:
+        message = _after_interrupt(trainer, interrupt)
         if trainer.is_world_process_zero():
-            print(_interrupted(training_args.output_dir, interrupt), file=sys.stderr, flush=True)
+            print(message, file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     after = evaluate() if eval_dataset is not None else None
-    trainer.save_model()
+    dataset_id = hub_dataset_id(script_args.dataset_name)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_id)  # saves the model and writes the card first
+    else:
+        trainer.save_model()
+        trainer.create_model_card(dataset_name=dataset_id)
     if before is not None and after is not None and trainer.is_world_process_zero():
         if demo:
             from .toy.evaluation import format_comparison
@@ -334,36 +629,53 @@ def train(argv: list[str]) -> None:
         print(f"Saved to {training_args.output_dir}/ (samples in {training_args.output_dir}/samples/)")
 
 
-def _interrupted(output_dir: str, interrupt: KeyboardInterrupt) -> str:
-    """What to do after Ctrl-C or SIGTERM: the checkpoint to resume from, or why there is none."""
+INTERRUPTED_FOLDER = "interrupted-step-{step}"
+"""Folder in `output_dir` where an interrupted run without checkpoints (`save_strategy="no"`) leaves its weights."""
+
+
+def _after_interrupt(trainer, interrupt: KeyboardInterrupt) -> str:
+    """After Ctrl-C or SIGTERM: the checkpoint to resume from; without checkpoints (`save_strategy="no"`, as in the
+    demo) the weights of the last completed step, saved now; or exactly why nothing was saved. Every process calls
+    it (a save may gather shards); the main process prints what it returns."""
     from .interrupts import newest_complete_checkpoint
 
+    args, step = trainer.args, trainer.state.global_step
     reason = str(interrupt) or "Ctrl-C"
+    head = f"\nInterrupted ({reason}) after {_plural(step, 'optimizer step')} of {trainer.state.max_steps}."
+    if step == 0:
+        return f"{head} Nothing was saved: no optimizer step had completed, the weights are the base model's."
+    if args.save_strategy == "no":
+        if trainer._stop_on_signal.busy:
+            return (
+                f"{head} Nothing was saved: save_strategy is 'no' (no checkpoints), and a second signal stopped the "
+                f"update after step {step} halfway, so the weights are neither step {step}'s nor the next one's."
+            )
+        folder = os.path.join(args.output_dir, INTERRUPTED_FOLDER.format(step=step))
+        trainer.save_model(folder, _internal_call=True)
+        return (
+            f"{head} save_strategy is 'no', so there is no checkpoint to resume from; the weights after step {step} "
+            f"are saved in {folder} (render them with `trl-flow-grpo sample --lora {folder}`). To be able to resume, "
+            "train with --save_strategy steps --save_steps N."
+        )
     try:
-        checkpoint = newest_complete_checkpoint(output_dir)
+        checkpoint = newest_complete_checkpoint(args.output_dir)
     except ValueError:
-        return f"\nInterrupted ({reason}). No checkpoint was written: no step had completed, or save_strategy is 'no'."
-    return (
-        f"\nInterrupted ({reason}). Newest checkpoint: {checkpoint}. To go on, run the same command with "
-        "--resume_from_checkpoint true"
-    )
+        return (
+            f"{head} No complete checkpoint in {args.output_dir}: with DeepSpeed or FSDP a signal does not save at "
+            "once (their saves need every process), and no save step had been reached."
+        )
+    return f"{head} Newest checkpoint: {checkpoint}. To go on, run the same command with --resume_from_checkpoint true"
 
 
 # ----------------------------------------------------------------------------------------- accelerate launch
 def accelerate_config_path(name_or_path: str) -> str:
-    """A shipped accelerate config by name (`multi_gpu`, `deepspeed_zero2`, `fsdp`, `single_gpu`), or a file path."""
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    from importlib.resources import files
+    """A shipped accelerate config by name (TRL's names, or the aliases `deepspeed_zero2`, `fsdp`), or a file path."""
+    from .accelerate_configs import config_path
 
-    shipped = files("trl_flow_grpo") / "accelerate_configs"
-    names = sorted(p.name.removesuffix(".yaml") for p in shipped.iterdir() if p.name.endswith(".yaml"))
-    if name_or_path.removesuffix(".yaml") not in names:
-        raise SystemExit(
-            f"trl-flow-grpo: --accelerate_config {name_or_path!r} is neither a file nor a shipped config; shipped "
-            f"configs: {', '.join(names)}."
-        )
-    return str(shipped / f"{name_or_path.removesuffix('.yaml')}.yaml")
+    try:
+        return config_path(name_or_path)
+    except ValueError as error:
+        raise SystemExit(f"trl-flow-grpo: {error}") from None
 
 
 def _pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
@@ -383,9 +695,19 @@ def _pop_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
 
 
 def launch_with_accelerate(config: str, command: str, argv: list[str]) -> int:
-    """Run `trl-flow-grpo <command> argv` under `accelerate launch --config_file <config>`; return its exit code."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config_path(config)]
-    cmd += ["-m", "trl_flow_grpo.cli", command, *argv]
+    """Run `trl-flow-grpo <command> argv` under `accelerate launch --config_file <config>` (plus the accelerate
+    launch flags found in argv); return its exit code."""
+    from .accelerate_configs import split_launch_args
+
+    config_path = accelerate_config_path(config)
+    parser = _parser(demo=False)
+    try:
+        launch, rest = split_launch_args(argv, _option_names(parser))
+    except ValueError as error:
+        raise SystemExit(f"trl-flow-grpo: {error}") from None
+    _check_flags(parser, rest)  # a misspelt flag fails here, not in every launched process
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_path, *launch]
+    cmd += ["-m", "trl_flow_grpo.cli", command, *rest]
     print("Launching:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, check=False).returncode
 
@@ -407,8 +729,11 @@ class SampleArguments:
             A text file with one prompt per line (added after `prompts`).
         images_per_prompt (`int`, *optional*, defaults to `1`):
             Images per prompt (seeds `seed`, `seed + 1`, ...).
-        output (`str`, *optional*, defaults to `"samples.png"`):
-            Where to write the grid.
+        output_dir (`str`, *optional*, defaults to `"samples"`):
+            Folder to write into: `grid.png` (the prompts as captions), one `<index>.png` per image and, with
+            `reward_funcs`, `rewards.jsonl` (one line per image: prompt, seed, file, each reward).
+        reward_funcs (`list[str]`, *optional*, defaults to `[]`):
+            Rewards to score every image with (built-in names or import paths, as in `train`); printed per image.
         num_inference_steps (`int`, *optional*, defaults to `40`):
             ODE steps (the Flow-GRPO paper evaluates with 40).
         guidance_scale (`float`, *optional*):
@@ -429,7 +754,12 @@ class SampleArguments:
     prompts: list[str] = field(default_factory=list, metadata={"help": "Prompts to render."})
     prompts_file: str | None = field(default=None, metadata={"help": "File with one prompt per line."})
     images_per_prompt: int = field(default=1, metadata={"help": "Images per prompt."})
-    output: str = field(default="samples.png", metadata={"help": "Output grid path."})
+    output_dir: str = field(
+        default="samples", metadata={"help": "Folder for grid.png, one PNG per image and rewards.jsonl."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list, metadata={"help": "Rewards to score each image with (names or import paths)."}
+    )
     num_inference_steps: int = field(default=40, metadata={"help": "ODE steps."})
     guidance_scale: float | None = field(
         default=None, metadata={"help": "Guidance scale; unset: the pipeline family's default (SD3 4.5, FLUX 3.5)."}
@@ -440,8 +770,19 @@ class SampleArguments:
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
 
 
+def _reward_table(names: list[str], prompts: list[str], seeds: list[int], rewards) -> str:
+    """The rewards of each image, one row per image (NaN: the reward does not apply to it)."""
+    width = min(max(len(p) for p in prompts), 48)
+    head = f"{'#':>3}  {'seed':>5}  {'prompt':<{width}}" + "".join(f"  {name:>12}" for name in names)
+    rows = [head]
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        shown = prompt if len(prompt) <= width else prompt[: width - 3] + "..."
+        rows.append(f"{i:>3}  {seed:>5}  {shown:<{width}}" + "".join(f"  {v:>12.4f}" for v in rewards[i].tolist()))
+    return "\n".join(rows)
+
+
 def sample(argv: list[str]) -> None:
-    """`trl-flow-grpo sample`: base pipeline (+ LoRA) -> one image grid with the prompts as captions."""
+    """`trl-flow-grpo sample`: base pipeline (+ LoRA) -> images and a grid in `output_dir`, each image's rewards."""
     from trl import TrlParser
 
     parser = TrlParser((SampleArguments,), prog="trl-flow-grpo sample")
@@ -462,28 +803,37 @@ def sample(argv: list[str]) -> None:
     from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
+    from .rewards.base import call_reward_funcs, resolve_reward_func, reward_func_name
     from .utils import image_grid
 
+    reward_funcs = [resolve_reward_func(name) for name in args.reward_funcs]  # a bad name fails before sampling
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.dtype != "auto" and args.dtype not in dtypes:
         raise SystemExit(f"trl-flow-grpo sample: --dtype must be auto, {', '.join(dtypes)}; got {args.dtype!r}.")
     dtype = dtypes.get(args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
-    if args.model_name_or_path is None:
+    # diffusers >= 0.36 takes `dtype` and warns about `torch_dtype`; 0.35 only knows `torch_dtype`.
+    from diffusers import __version__ as diffusers_version
+    from packaging.version import Version
+
+    load_dtype = {"dtype" if Version(diffusers_version) >= Version("0.36") else "torch_dtype": dtype}
+    if args.model_name_or_path in (None, BUILTIN_SHAPES):
         from .toy.model import SHAPES_SAMPLING, load_shapes_pipeline
 
         pipe = load_shapes_pipeline(dtype)
         extra = {"max_sequence_length": SHAPES_SAMPLING["max_sequence_length"]}
         args.height, args.width = args.height or SHAPES_SAMPLING["height"], args.width or SHAPES_SAMPLING["width"]
     else:
-        pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, torch_dtype=dtype)
+        with _hub_errors_as_one_line("sample", "model", args.model_name_or_path):
+            pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, **load_dtype)
         extra = {}
     if args.lora is not None:
         transformer_dir = os.path.join(args.lora, TRANSFORMER_FOLDER)
         if os.path.isdir(transformer_dir):  # a full fine-tuning output
-            pipe.transformer = type(pipe.transformer).from_pretrained(transformer_dir, torch_dtype=dtype)
+            pipe.transformer = type(pipe.transformer).from_pretrained(transformer_dir, **load_dtype)
         else:
-            pipe.load_lora_weights(args.lora)
+            with _without_text_encoder_lora_warnings():  # the trainer's LoRAs have no text encoder keys
+                pipe.load_lora_weights(args.lora)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     from .pipelines import get_adapter
@@ -494,7 +844,7 @@ def sample(argv: list[str]) -> None:
         guidance = adapter.pipeline_call_kwargs(scale)
     except ValueError:  # a pipeline the trainer does not support: its own guidance argument and default
         guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
-    images, captions = [], []
+    images, captions, seeds = [], [], []
     jobs = [(p, k) for p in prompts for k in range(args.images_per_prompt)]
     for prompt, k in tqdm(jobs, desc="sample"):
         generator = torch.Generator(device).manual_seed(args.seed + k)
@@ -509,12 +859,30 @@ def sample(argv: list[str]) -> None:
         ).images[0]
         images.append(image)
         captions.append(prompt)
-    directory = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(directory, exist_ok=True)
-    image_grid(images, captions, ncols=args.images_per_prompt if args.images_per_prompt > 1 else None).save(
-        args.output
+        seeds.append(args.seed + k)
+    os.makedirs(args.output_dir, exist_ok=True)
+    files = [f"{i:04d}.png" for i in range(len(images))]
+    for image, name in zip(images, files):
+        image.save(os.path.join(args.output_dir, name))
+    grid = os.path.join(args.output_dir, "grid.png")
+    image_grid(images, captions, ncols=args.images_per_prompt if args.images_per_prompt > 1 else None).save(grid)
+    print(
+        f"Wrote {_plural(len(images), 'image')} of {_plural(len(prompts), 'prompt')} to {args.output_dir}/ "
+        f"({', '.join(files[:2])}{', ...' if len(files) > 2 else ''} and grid.png)",
+        flush=True,
     )
-    print(f"Wrote {len(images)} images to {args.output}", flush=True)
+    if reward_funcs:
+        import json
+
+        names = [reward_func_name(f) for f in reward_funcs]
+        rewards = call_reward_funcs(reward_funcs, captions, images)
+        print(_reward_table(names, captions, seeds, rewards), flush=True)
+        means = ", ".join(f"{n} {torch.nanmean(rewards[:, j]).item():+.4f}" for j, n in enumerate(names))
+        print(f"mean over {_plural(len(images), 'image')}: {means}", flush=True)
+        with open(os.path.join(args.output_dir, "rewards.jsonl"), "w", encoding="utf-8") as f:
+            for i, (prompt, seed, name) in enumerate(zip(captions, seeds, files)):
+                values = {n: (None if v != v else v) for n, v in zip(names, rewards[i].tolist())}
+                f.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, "rewards": values}) + "\n")
 
 
 def reward_server(argv: list[str]) -> None:
@@ -527,7 +895,7 @@ def reward_server(argv: list[str]) -> None:
 
 COMMANDS = {
     "train": (train, "Train a flow-matching pipeline with Flow-GRPO (built-in offline demo by default)."),
-    "sample": (sample, "Render prompts with a base pipeline plus a trained LoRA into an image grid."),
+    "sample": (sample, "Render prompts with a base pipeline plus a trained LoRA; score them with rewards."),
     "reward-server": (reward_server, "Serve a reward function over HTTP (POST /score) for a reward URL."),
 }
 
@@ -537,10 +905,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: trl-flow-grpo <command> [options]\n\ncommands:")
         for name, (_, help_text) in COMMANDS.items():
-            print(f"  {name:<8} {help_text}")
+            print(f"  {name:<14} {help_text}")
         print("\nRun `trl-flow-grpo <command> --help` for the options of a command.")
         return
     command, rest = argv[0], argv[1:]
+    _silence_torchvision_fallback()
     if command not in COMMANDS:
         raise SystemExit(f"trl-flow-grpo: unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     if command == "train":

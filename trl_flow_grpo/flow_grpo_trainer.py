@@ -241,6 +241,15 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         different noise, and the same images as one process running P times the gradient accumulation."""
         return local_index * self.accelerator.num_processes + self.accelerator.process_index
 
+    def _step_bar_open(self) -> bool:
+        """Whether a progress callback shows its step bar now (`ProgressCallback.training_bar`)."""
+        from transformers.trainer_callback import ProgressCallback
+
+        return any(
+            isinstance(callback, ProgressCallback) and getattr(callback, "training_bar", None) is not None
+            for callback in self.callback_handler.callbacks
+        )
+
     def _initial_noise(self, rows: list[dict], micro_batch: int) -> torch.Tensor:
         shape = self.adapter.latent_shape(self.args.height, self.args.width)
         noises = []
@@ -263,7 +272,10 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         transformer.eval()
         start = time.perf_counter()
         samples = []
-        show = self.is_local_process_zero() and not args.disable_tqdm
+        # No rollout bar under an open step bar (transformers' ProgressCallback or the CLI's): where the output is
+        # not a terminal that moves the cursor (a log file, `| tee`, a notebook) the two bars interleave. The same
+        # for the evaluation bar of an evaluation during training.
+        show = self.is_local_process_zero() and not args.disable_tqdm and not self._step_bar_open()
         for index, rows in enumerate(tqdm(batches, desc="rollout", leave=False, disable=not show, delay=2)):
             seed = stable_seed(args.seed, self._generation, self._micro_batch_id(index), -1)
             samples.append(
@@ -441,7 +453,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
         batch_size = args.per_device_eval_batch_size
         images, rows = [], []
-        show = self.is_local_process_zero() and not args.disable_tqdm
+        show = self.is_local_process_zero() and not args.disable_tqdm and not self._step_bar_open()
         with self._averaged_weights():  # the EMA weights when `ema_decay` is set
             for start in tqdm(
                 range(0, len(indices), batch_size), desc="evaluate", leave=False, disable=not show, delay=2
