@@ -248,6 +248,14 @@ def test_parse_metadata_accepts_genevals_jsonl_lines_and_rejects_malformed_ones(
     parsed = parse_metadata(line)
     assert parsed["tag"] == "position" and parsed["exclude"] == [] and parsed["prompt"].startswith("a photo")
     assert evaluate_detections(line, [det("bench", box=(50, 0, 60, 10)), det("bear")]).correct
+    # As a `datasets` column of dicts gives it: keys a row lacks are None.
+    from_arrow = {
+        "tag": "colors",
+        "include": [{"class": "car", "count": 1, "color": "red", "position": None}],
+        "exclude": None,
+    }
+    assert parse_metadata(from_arrow)["include"] == [{"class": "car", "count": 1, "color": "red"}]
+    assert evaluate_detections(from_arrow, [det("car", color="red")]).correct
     bad = {
         '{"tag": "position"': "not JSON",
         '["a list"]': "must be a dict",
@@ -636,3 +644,20 @@ def test_scorer_argument_checks():
     with pytest.raises(ValueError, match="counting_threshold must be in"):
         GenEvalScorer(counting_threshold=1.0)
     assert math.isclose(GenEvalScorer().rules["counting_threshold"], COUNTING_THRESHOLD)
+
+
+def test_metadata_survives_a_datasets_column():
+    from datasets import Dataset
+
+    rows = [
+        meta("position", [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["right of", 0]}]),
+        meta("counting", [{"class": "dog", "count": 2}], [{"class": "dog", "count": 3}]),
+        meta("colors", [{"class": "car", "count": 1, "color": "red"}]),
+    ]
+    # JSON strings hold any metadata (Arrow cannot store the mixed [relation, index] list of a position).
+    as_json = Dataset.from_dict({"prompt": ["a", "b", "c"], "metadata": [json.dumps(r) for r in rows]})
+    assert [parse_metadata(m) for m in as_json["metadata"]] == [parse_metadata(r) for r in rows]
+    # A column of dicts (no positions) comes back with the keys a row lacks set to None.
+    as_dicts = Dataset.from_dict({"prompt": ["b", "c"], "metadata": rows[1:]})
+    assert as_dicts[0]["metadata"]["include"][0]["color"] is None
+    assert [parse_metadata(m) for m in as_dicts["metadata"]] == [parse_metadata(r) for r in rows[1:]]

@@ -180,13 +180,18 @@ def _check_count(clause: Mapping[str, Any], where: str) -> int:
     return count
 
 
+def _drop_none(clause: Any) -> Any:
+    return {k: v for k, v in clause.items() if v is not None} if isinstance(clause, Mapping) else clause
+
+
 def parse_metadata(metadata: Mapping[str, Any] | str) -> dict[str, Any]:
     """Check GenEval metadata (a dict, or its JSON string) and return it as a dict.
 
     Expected: `{"tag": str, "include": [{"class": str, "count": int >= 1, "color"?: str, "position"?: [relation,
     index]}, ...], "exclude"?: [{"class": str, "count": int >= 1}, ...]}` with `tag` in `GENEVAL_TAGS`, `color` in
     `GENEVAL_COLORS`, `relation` in `RELATIONS` and `index` the position of an *earlier* `include` entry. Other keys
-    (e.g. `prompt`) are kept and ignored.
+    (e.g. `prompt`) are kept and ignored. Keys whose value is `None` count as absent (a `datasets` column of dicts
+    fills the keys a row lacks with `None`).
 
     Raises:
         ValueError: naming the first key or value that does not fit.
@@ -203,6 +208,9 @@ def parse_metadata(metadata: Mapping[str, Any] | str) -> dict[str, Any]:
     exclude = _load_json(metadata.get("exclude") or [], "'exclude'")
     if not isinstance(exclude, list):
         raise ValueError(f"GenEval metadata 'exclude' must be a list of clauses, got {exclude!r:.200}")
+    # A `datasets` column of dicts stores absent keys as None (Arrow structs): treat them as absent.
+    include = [_drop_none(clause) for clause in include]
+    exclude = [_drop_none(clause) for clause in exclude]
     for index, clause in enumerate(include):
         where = f"include[{index}]"
         if not isinstance(clause, Mapping) or not isinstance(clause.get("class"), str):
@@ -372,7 +380,7 @@ def evaluate_detections(
     - presence / count: fails when fewer than `count` are found;
     - colour: fails when fewer than `count` of `found` have the clause's colour;
     - position `[relation, i]` (checked only if the above passed): fails when include clause `i` failed, or when
-      `relation_position(obj, target)` lacks the relation for any pair of an object of `found` and an object found
+      `relative_position(obj, target)` lacks the relation for any pair of an object of `found` and an object found
       for clause `i`;
 
     and each `exclude` clause fails when `count` or more detections of its class are kept. `correct` is True when
