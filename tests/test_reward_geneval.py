@@ -623,6 +623,24 @@ def test_loads_lazily_with_safetensors_once(tmp_path, no_scipy_check, monkeypatc
     ]
 
 
+def test_dtype_applies_to_both_models_and_scores_stay_in_range(tmp_path, no_scipy_check):
+    detector, detector_processor = _tiny_detector()
+    clip_model, clip_processor = _tiny_clip()
+    detector.save_pretrained(tmp_path / "detector")
+    detector_processor.save_pretrained(tmp_path / "detector")
+    clip_model.save_pretrained(tmp_path / "clip")
+    clip_processor.save_pretrained(tmp_path / "clip")
+    scorer = GenEvalScorer(
+        str(tmp_path / "detector"), str(tmp_path / "clip"), device="cpu", dtype=torch.bfloat16, threshold=0.0
+    )
+    metadata = [meta("colors", [{"class": "cat", "count": 1, "color": "red"}])] * 2
+    results = scorer.score(_images(2), metadata)
+    assert next(scorer.detector.parameters()).dtype == torch.bfloat16
+    assert next(scorer.clip_model.parameters()).dtype == torch.bfloat16
+    assert len(results) == 2 and all(0.0 <= r.score <= 1.0 for r in results)
+    assert all(len(found) > 0 for found in scorer.detect(_images(2)))  # bf16 logits still post-process
+
+
 def test_missing_scipy_gives_the_install_hint(tmp_path, no_scipy_check, monkeypatch):
     from transformers.models.mask2former import modeling_mask2former
 

@@ -677,7 +677,7 @@ class GenEvalScorer:
         `Detection`s (class name, score, box, mask; no colour), most confident first."""
         self._load_detector()
         parameter = next(self.detector.parameters())
-        names = self.class_names()
+        names = {i: COCO_TO_GENEVAL_NAMES.get(label, label) for i, label in self.detector.config.id2label.items()}
         minimum = min(self.rules["threshold"], self.rules["counting_threshold"])
         results: list[list[Detection]] = []
         for start in range(0, len(images), self.batch_size):
