@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .compression import jpeg_compressibility, jpeg_incompressibility
+from .geneval import geneval_reward, geneval_strict_reward
 from .ocr import ocr_reward
 from .pickscore import pickscore_reward
 
@@ -67,6 +68,8 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "shapes_geneval": shapes_geneval,
     "pickscore": pickscore_reward,
     "ocr": ocr_reward,
+    "geneval": geneval_reward,
+    "geneval_strict": geneval_strict_reward,
 }
 """Built-in reward functions by name. This is the single place a new built-in is registered. Built-ins that need
 heavy dependencies or a model download should import / load them lazily, inside the call."""
