@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .aesthetic import aesthetic_reward
+from .clip_score import clip_score_reward
 from .compression import jpeg_compressibility, jpeg_incompressibility
 from .ocr import ocr_reward
 from .pickscore import pickscore_reward
@@ -67,6 +69,8 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "shapes_geneval": shapes_geneval,
     "pickscore": pickscore_reward,
     "ocr": ocr_reward,
+    "clip_score": clip_score_reward,
+    "aesthetic": aesthetic_reward,
 }
 """Built-in reward functions by name. This is the single place a new built-in is registered. Built-ins that need
 heavy dependencies or a model download should import / load them lazily, inside the call."""
