@@ -39,6 +39,7 @@ from .clip_score import clip_score_reward
 from .compression import jpeg_compressibility, jpeg_incompressibility
 from .ocr import ocr_reward
 from .pickscore import pickscore_reward
+from .unifiedreward import unifiedreward_reward
 
 __all__ = [
     "MISSING_BUILTINS",
@@ -71,6 +72,7 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "ocr": ocr_reward,
     "clip_score": clip_score_reward,
     "aesthetic": aesthetic_reward,
+    "unifiedreward": unifiedreward_reward,
 }
 """Built-in reward functions by name. This is the single place a new built-in is registered. Built-ins that need
 heavy dependencies or a model download should import / load them lazily, inside the call."""
