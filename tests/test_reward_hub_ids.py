@@ -18,6 +18,12 @@ def test_pickscore_hub_id_is_the_pickscore_builtin(model_id):
     assert reward_func_name(model_id) == "pickscore"
 
 
+@pytest.mark.parametrize("model_id", ["xswu/HPSv2", "XSWU/hpsv2"])
+def test_hpsv2_hub_id_is_the_hpsv2_builtin(model_id):
+    assert resolve_reward_func(model_id) is REWARD_FUNCS["hpsv2"]
+    assert reward_func_name(model_id) == "hpsv2"
+
+
 def test_a_hub_id_in_a_run_logs_under_the_builtins_name(tmp_path):
     args = FlowGRPOConfig(output_dir=str(tmp_path), report_to="none", num_generations=2)
     scorer = Scorer(["yuvalkirstain/PickScore_v1", "jpeg_compressibility"], None, args)
@@ -31,10 +37,7 @@ def test_every_hub_id_names_a_builtin_or_a_known_missing_one():
     assert not stale, f"{stale} are built-ins now: remove them from MISSING_BUILTINS"
 
 
-@pytest.mark.parametrize(
-    "model_id, builtin, package",
-    [("THUDM/ImageReward", "image_reward", "image-reward"), ("xswu/HPSv2", "hpsv2", "hpsv2")],
-)
+@pytest.mark.parametrize("model_id, builtin, package", [("THUDM/ImageReward", "image_reward", "image-reward")])
 def test_hub_id_of_a_missing_builtin_says_what_is_missing(model_id, builtin, package):
     with pytest.raises(ValueError) as info:
         resolve_reward_func(model_id)

@@ -37,6 +37,7 @@ import torch
 from .aesthetic import aesthetic_reward
 from .clip_score import clip_score_reward
 from .compression import jpeg_compressibility, jpeg_incompressibility
+from .hpsv2 import hpsv2_reward
 from .ocr import ocr_reward
 from .pickscore import pickscore_reward
 from .unifiedreward import unifiedreward_reward
@@ -73,6 +74,7 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "clip_score": clip_score_reward,
     "aesthetic": aesthetic_reward,
     "unifiedreward": unifiedreward_reward,
+    "hpsv2": hpsv2_reward,
 }
 """Built-in reward functions by name. This is the single place a new built-in is registered. Built-ins that need
 heavy dependencies or a model download should import / load them lazily, inside the call."""
@@ -88,7 +90,6 @@ does not exist yet (listed in `MISSING_BUILTINS`): the id is then refused with a
 
 MISSING_BUILTINS: dict[str, str] = {
     "image_reward": "ImageReward (Xu et al., 2023; its reference package is `pip install image-reward`)",
-    "hpsv2": "HPSv2 (Wu et al., 2023; its reference package is `pip install hpsv2`)",
 }
 """Built-ins named in `REWARD_MODEL_IDS` that trl-flow-grpo does not ship yet -> the model they would run."""
 
