@@ -5,7 +5,7 @@ text features, as the reference `hpsv2.score` computes it (`image_features @ tex
 
     score = cosine(text_features, image_features)
 
-Scores of text-to-image models are around 0.24-0.32 (papers often print them x100, e.g. "HPS v2.1: 28.5").
+Scores of text-to-image models are around 0.24-0.32 (papers often print them x100).
 
 Loading needs OpenCLIP (`pip install "trl-flow-grpo[hpsv2]"`, which installs `open_clip_torch`): the architecture
 is built with `open_clip.create_model_and_transforms("ViT-H-14", pretrained=None)` (no base weights are downloaded:
