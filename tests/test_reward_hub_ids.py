@@ -32,17 +32,27 @@ def test_every_hub_id_names_a_builtin_or_a_known_missing_one():
 
 
 @pytest.mark.parametrize(
-    "model_id, builtin, package",
-    [("THUDM/ImageReward", "image_reward", "image-reward"), ("xswu/HPSv2", "hpsv2", "hpsv2")],
+    "model_id, builtin",
+    [("THUDM/ImageReward", "image_reward"), ("xswu/HPSv2", "hpsv2"), ("thudm/imagereward", "image_reward")],
 )
-def test_hub_id_of_a_missing_builtin_says_what_is_missing(model_id, builtin, package):
+def test_image_reward_and_hpsv2_hub_ids_are_their_builtins(model_id, builtin):
+    assert resolve_reward_func(model_id) is REWARD_FUNCS[builtin]
+    assert reward_func_name(model_id) == builtin
+
+
+def test_hub_id_of_a_missing_builtin_says_what_is_missing(monkeypatch):
+    from trl_flow_grpo.rewards import base
+
+    monkeypatch.setitem(base.REWARD_MODEL_IDS, "someone/FutureReward", "future_reward")
+    monkeypatch.setitem(base._REWARD_MODEL_IDS_LOWER, "someone/futurereward", "future_reward")
+    monkeypatch.setitem(base.MISSING_BUILTINS, "future_reward", "FutureReward (its package is `future-reward`)")
     with pytest.raises(ValueError) as info:
-        resolve_reward_func(model_id)
+        resolve_reward_func("someone/FutureReward")
     message = str(info.value)
-    assert repr(model_id) in message and repr(builtin) in message
-    assert "does not ship that built-in yet" in message and package in message
+    assert "'someone/FutureReward'" in message and "'future_reward'" in message
+    assert "does not ship that built-in yet" in message and "future-reward" in message
     with pytest.raises(ValueError, match="does not ship"):
-        reward_func_name(model_id)
+        reward_func_name("someone/FutureReward")
 
 
 def test_unknown_strings_keep_the_error_listing_the_choices():

@@ -34,10 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .aesthetic import aesthetic_reward
+from .clip_score import clip_score_reward
 from .compression import jpeg_compressibility, jpeg_incompressibility
 from .geneval import geneval_reward, geneval_strict_reward
+from .hpsv2 import hpsv2_reward
+from .image_reward import image_reward_reward
 from .ocr import ocr_reward
 from .pickscore import pickscore_reward
+from .unifiedreward import unifiedreward_reward
 
 __all__ = [
     "MISSING_BUILTINS",
@@ -70,6 +75,11 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "ocr": ocr_reward,
     "geneval": geneval_reward,
     "geneval_strict": geneval_strict_reward,
+    "clip_score": clip_score_reward,
+    "aesthetic": aesthetic_reward,
+    "unifiedreward": unifiedreward_reward,
+    "hpsv2": hpsv2_reward,
+    "image_reward": image_reward_reward,
 }
 """Built-in reward functions by name. This is the single place a new built-in is registered. Built-ins that need
 heavy dependencies or a model download should import / load them lazily, inside the call."""
@@ -83,10 +93,7 @@ REWARD_MODEL_IDS: dict[str, str] = {
 (as TRL resolves a reward model's id). Matched without regard to case, as the Hub does. A value may be a built-in that
 does not exist yet (listed in `MISSING_BUILTINS`): the id is then refused with an error saying what is missing."""
 
-MISSING_BUILTINS: dict[str, str] = {
-    "image_reward": "ImageReward (Xu et al., 2023; its reference package is `pip install image-reward`)",
-    "hpsv2": "HPSv2 (Wu et al., 2023; its reference package is `pip install hpsv2`)",
-}
+MISSING_BUILTINS: dict[str, str] = {}
 """Built-ins named in `REWARD_MODEL_IDS` that trl-flow-grpo does not ship yet -> the model they would run."""
 
 _RESERVED_KWARGS = ("prompts", "images", "trainer_state", "log_extra", "log_metric")
