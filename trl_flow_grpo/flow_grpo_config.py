@@ -5,6 +5,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .losses import LOSS_TYPES
 from .sampling.dpm import ODE_SOLVERS
 from .sampling.steps import SDE_TYPES
 from .sampling.windows import WINDOW_SCHEDULES, WINDOW_TYPES, WindowSchedule, default_window_range, full_window
@@ -147,6 +148,13 @@ class FlowGRPOConfig(TrainingArguments):
             so ratios stay very close to 1 and the range is tiny.
         epsilon_high (`float`, *optional*):
             Upper clip range (`1 + epsilon_high`); defaults to `epsilon`.
+        loss_type (`str`, *optional*, defaults to `"flow_grpo"`):
+            `"flow_grpo"`: the clipped ratio `exp(log p - log p_old)`. `"grpo_guard"` (GRPO-Guard, Wang et al.
+            2025): the ratio is RatioNorm-normalised per step, `exp((log p - log p_old + b) * s sqrt(-dt))` with
+            `b = mean((mu - mu_old)^2) / (2 s^2 (-dt))`, and the step's loss is divided by `-dt`, so that every noise
+            level gets a centred ratio of the same spread and a gradient of the same scale. It clips with the same
+            `epsilon` / `epsilon_high` (the official GRPO-Guard code reuses Flow-GRPO's `clip_range`); only for
+            `sde_type="sde"`. Sampling then also records each step's mean (one more latent-sized tensor per step).
         num_iterations (`int`, *optional*, defaults to `1`):
             Number of optimizer steps taken on each generation batch (TRL's mu). Only the first is on-policy.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
@@ -350,6 +358,13 @@ class FlowGRPOConfig(TrainingArguments):
     epsilon_high: float | None = field(
         default=None, metadata={"help": "Upper clip range of the ratio; defaults to `epsilon`."}
     )
+    loss_type: str = field(
+        default="flow_grpo",
+        metadata={
+            "help": "`flow_grpo`: clipped ratio; `grpo_guard`: RatioNorm ratio and 1/(-dt) step weights (SDE only).",
+            "choices": LOSS_TYPES,
+        },
+    )
     num_iterations: int = field(
         default=1, metadata={"help": "Optimizer steps taken on each generation batch (TRL's mu)."}
     )
@@ -453,6 +468,7 @@ class FlowGRPOConfig(TrainingArguments):
 
         self._check_choice("sde_type", SDE_TYPES)
         self._check_choice("kl_type", KL_TYPES)
+        self._check_choice("loss_type", LOSS_TYPES)
         self._check_choice("scale_rewards", SCALE_REWARDS)
         self._check_choice("multi_objective_aggregation", AGGREGATIONS)
         self._check_choice("sde_window", WINDOW_TYPES)
@@ -482,6 +498,11 @@ class FlowGRPOConfig(TrainingArguments):
             raise ValueError(f"epsilon ({self.epsilon}) and epsilon_high ({self.epsilon_high}) must be positive.")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        if self.loss_type == "grpo_guard" and self.sde_type != "sde":
+            raise ValueError(
+                f"loss_type='grpo_guard' normalises the ratio by the Flow-GRPO SDE's step std s * sqrt(-dt); it is "
+                f"not defined for sde_type={self.sde_type!r}. Use sde_type='sde' or loss_type='flow_grpo'."
+            )
         if self.adv_clip_max <= 0:
             raise ValueError(f"adv_clip_max must be positive, got {self.adv_clip_max}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
