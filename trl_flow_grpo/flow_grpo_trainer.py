@@ -35,6 +35,7 @@ from .ema import ParameterEMA
 from .finite import NonFiniteGuard
 from .flow_grpo_config import FlowGRPOConfig
 from .interrupts import StopOnSignal
+from .losses import flow_grpo_loss, grpo_guard_loss
 from .pipelines import get_adapter
 from .rollout_batch import RolloutBatch
 from .sampling import WindowSchedule, sample, step_log_prob
@@ -284,6 +285,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                     # With shared noise, the rows of one prompt share the ODE steps before the window: computed once
                     # per prompt of this micro-batch (a group split over micro-batches computes it once in each).
                     prefix_groups=[row["_row"] for row in rows] if args.same_latent else None,
+                    record_means=args.loss_type == "grpo_guard",  # its RatioNorm compares them with the new means
                     autocast=self.compute_loss_context_manager,
                 )
             )
@@ -375,9 +377,27 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
 
         log_prob, mean, std, velocity = transition(model)
         advantages, old_log_prob = inputs.advantages, inputs.log_probs[:, k]
-        ratio = torch.exp(log_prob - old_log_prob)
-        clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)
-        loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
+        if args.loss_type == "grpo_guard":
+            if inputs.means is None:
+                raise ValueError(
+                    "loss_type='grpo_guard' needs the sampling policy's step means, and this rollout batch has none "
+                    "(it was sampled, or saved in a checkpoint, with loss_type='flow_grpo'). Resume with the "
+                    "loss_type the run was started with, or start from a fresh generation batch."
+                )
+            policy = grpo_guard_loss(
+                log_prob,
+                old_log_prob,
+                advantages,
+                args.epsilon,
+                args.epsilon_high,
+                mean=mean,
+                old_mean=inputs.means[:, k],
+                std_dev_t=std,
+                dt=self.train_sigmas[step + 1] - self.train_sigmas[step],
+            )
+        else:
+            policy = flow_grpo_loss(log_prob, old_log_prob, advantages, args.epsilon, args.epsilon_high)
+        loss, ratio = policy.loss, policy.ratio
 
         metrics = self._metrics
         is_low = (ratio < 1 - args.epsilon) & (advantages < 0)
