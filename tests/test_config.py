@@ -164,6 +164,7 @@ INVALID = [
     ({"kl_type": "reverse"}, "kl_type"),
     ({"loss_type": "ppo"}, "loss_type"),
     ({"loss_type": "grpo_guard", "sde_type": "cps"}, "grpo_guard"),
+    ({"preference_std_scope": "global"}, "preference_std_scope"),
     ({"scale_rewards": "global"}, "scale_rewards"),
     ({"multi_objective_aggregation": "mean"}, "multi_objective_aggregation"),
     ({"timestep_fraction": 0.0}, "timestep_fraction"),
@@ -223,8 +224,8 @@ def test_scale_rewards_bool_maps_to_mode(tmp_path, value, expected):
 
 def test_loss_and_win_rate_std_defaults_keep_the_plain_recipes(tmp_path):
     cfg = make(tmp_path)
-    assert cfg.loss_type == "flow_grpo"
-    guard = make(tmp_path, loss_type="grpo_guard")
+    assert (cfg.loss_type, cfg.preference_std_scope, cfg.preference_std_bessel) == ("flow_grpo", "group", False)
+    guard = make(tmp_path, loss_type="grpo_guard", preference_std_scope="batch", preference_std_bessel=True)
     assert (guard.loss_type, guard.epsilon, guard.epsilon_high) == ("grpo_guard", 1e-4, 1e-4)
 
 

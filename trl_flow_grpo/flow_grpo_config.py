@@ -14,6 +14,7 @@ from .validation import REDACTED, check_config, check_generation_batch, redact
 KL_TYPES = ("mean", "velocity")
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+PREFERENCE_STD_SCOPES = ("group", "batch")
 
 
 @dataclass
@@ -190,6 +191,12 @@ class FlowGRPOConfig(TrainingArguments):
         preference_symmetric (`bool`, *optional*, defaults to `False`):
             Query every pair in both orders and average, `p = (p_ab + 1 - p_ba) / 2`, to cancel a judge's position
             bias (twice the judge calls).
+        preference_std_scope (`str`, *optional*, defaults to `"group"`):
+            Win-rate advantages `(w - mean) / (std + 1e-8)` with the mean and std of the image's group (`"group"`),
+            or of the whole gathered batch (`"batch"`, the released Pref-GRPO code without `--use_group`).
+        preference_std_bessel (`bool`, *optional*, defaults to `False`):
+            Use the Bessel-corrected standard deviation of the win rates (divide by `n - 1`, as `torch.std` in the
+            released Pref-GRPO code) instead of the population one (divide by `n`).
         preference_temperature (`float`, *optional*, defaults to `0.0`):
             For preference functions named by a built-in *reward* (e.g. `"shapes_geneval"`):
             `p = sigmoid((s_a - s_b) / preference_temperature)`; `0` gives hard verdicts 1 / 0.
@@ -404,6 +411,16 @@ class FlowGRPOConfig(TrainingArguments):
     preference_symmetric: bool = field(
         default=False, metadata={"help": "Query each pair in both orders and average (cancels position bias)."}
     )
+    preference_std_scope: str = field(
+        default="group",
+        metadata={
+            "help": "Win-rate mean and std of the `group` or the whole `batch`.",
+            "choices": PREFERENCE_STD_SCOPES,
+        },
+    )
+    preference_std_bessel: bool = field(
+        default=False, metadata={"help": "Bessel-corrected (n - 1) win-rate std instead of the population std."}
+    )
     preference_temperature: float = field(
         default=0.0, metadata={"help": "Reward-named preferences: p = sigmoid(diff / T); 0 = hard verdicts."}
     )
@@ -469,6 +486,7 @@ class FlowGRPOConfig(TrainingArguments):
         self._check_choice("sde_type", SDE_TYPES)
         self._check_choice("kl_type", KL_TYPES)
         self._check_choice("loss_type", LOSS_TYPES)
+        self._check_choice("preference_std_scope", PREFERENCE_STD_SCOPES)
         self._check_choice("scale_rewards", SCALE_REWARDS)
         self._check_choice("multi_objective_aggregation", AGGREGATIONS)
         self._check_choice("sde_window", WINDOW_TYPES)
