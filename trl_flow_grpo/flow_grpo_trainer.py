@@ -181,6 +181,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         self._last_samples: sample_logging.SampleTable | None = None  # this process's newest rollouts
         self._last_sample_scores: list[float] = []  # their weighted rewards (advantages if pref-only): grid captions
         self._last_eval_samples: tuple[list, list[str]] | None = None  # the newest evaluation's first images, prompts
+        self._last_train_reward: float | None = None  # mean weighted reward of the newest generation batch
         self.rollout_buffer = RolloutBuffer(args.num_iterations)
         super().__init__(
             model=transformer,
@@ -318,6 +319,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         for key, value in metrics.items():
             self._metrics[key].append(value)
         self._metrics["num_images"] = [float((self._generation + 1) * scores.rewards.shape[0])]
+        self._last_train_reward = scores.metrics.get("reward")  # for `eval_reward_gap`
         shown = scores.pointwise.rewards[local] if scores.pointwise is not None else advantages  # pref-only
         self._last_samples = sample_logging.SampleTable(
             step=self.state.global_step,
@@ -400,6 +402,10 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         loss, ratio = policy.loss, policy.ratio
 
         metrics = self._metrics
+        # Per grid step: a ratio whose mean drifts below 1 or whose spread grows at some noise levels is the sign of
+        # over-optimisation that GRPO-Guard describes (population std over the micro-batch, averaged in `log`).
+        metrics[f"ratio/step_{step}/mean"].append(ratio.mean().item())
+        metrics[f"ratio/step_{step}/std"].append(ratio.detach().std(unbiased=False).item())
         is_low = (ratio < 1 - args.epsilon) & (advantages < 0)
         is_high = (ratio > 1 + args.epsilon_high) & (advantages > 0)
         metrics["clip_ratio/low_mean"].append(is_low.float().mean().item())
@@ -488,6 +494,10 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         transformer.train(was_training)
 
         metrics, weighted = self.scorer.evaluate(images, rows, self.state, metric_key_prefix)
+        if self._last_train_reward is not None:  # a proxy reward that rises while this falls is being hacked
+            metrics[f"{metric_key_prefix}_reward_gap"] = (
+                metrics[f"{metric_key_prefix}_reward"] - self._last_train_reward
+            )
         prompts = [row["prompt"] for row in rows]
         self._last_eval_samples = (images[: hub.MAX_WIDGET_IMAGES], prompts[: hub.MAX_WIDGET_IMAGES])  # widget
         self.log(metrics)
