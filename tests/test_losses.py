@@ -142,3 +142,25 @@ def test_grpo_guard_gradient_is_the_same_at_every_noise_level(sigma, sigma_next)
     assert torch.equal(same_eps, eps)
     scale = math.sqrt(sigma - sigma_next) / s.flatten()[0].item()
     assert torch.allclose(plain, expected * scale, rtol=1e-4, atol=1e-9)
+
+
+def test_grpo_guard_check_values_of_the_algorithms_page():
+    # docs/algorithms.md, section 3: the SDE check point (sigma 0.8 -> 0.7, x = 1, a = 0.7, eps = 0.3), the sampling
+    # policy predicting v = 0.5 and the current one v = 0.6. By hand: dmu/dv = (1 + s^2 (1 - sigma) / (2 sigma)) dt
+    # = 1.245 * -0.1, so d = -0.01245 and log r~ = eps * d = -0.003735.
+    x, step_std = torch.tensor([[1.0]]), 1.4 * math.sqrt(0.1)
+    _, _, old_mean, _ = sde_step_with_logprob(torch.tensor([[0.5]]), x, 0.8, 0.7, 0.7, "sde", prev_sample=x)
+    x_next = old_mean + step_std * 0.3
+    assert x_next.item() == pytest.approx(0.948066, abs=1e-6)
+    _, old_log_prob, old_mean, s = sde_step_with_logprob(torch.tensor([[0.5]]), x, 0.8, 0.7, 0.7, prev_sample=x_next)
+    _, log_prob, mean, _ = sde_step_with_logprob(torch.tensor([[0.6]]), x, 0.8, 0.7, 0.7, prev_sample=x_next)
+    assert (mean - old_mean).item() == pytest.approx(-0.01245, abs=1e-6)
+    assert (log_prob - old_log_prob).item() == pytest.approx(-0.008832, abs=1e-6)
+    advantages = torch.tensor([1.0])
+    plain = flow_grpo_loss(log_prob, old_log_prob, advantages, 1e-4, 1e-4)
+    assert plain.loss.item() == pytest.approx(-0.991207, abs=1e-6)
+    guard = grpo_guard_loss(
+        log_prob, old_log_prob, advantages, 1e-4, 1e-4, mean=mean, old_mean=old_mean, std_dev_t=s, dt=-0.1
+    )
+    assert guard.ratio.item() == pytest.approx(math.exp(0.3 * -0.01245), abs=1e-6)
+    assert guard.loss.item() == pytest.approx(-9.962720, abs=1e-5)
