@@ -163,6 +163,8 @@ INVALID = [
     ({"sde_type": "ode"}, "sde_type"),
     ({"kl_type": "reverse"}, "kl_type"),
     ({"loss_type": "ppo"}, "loss_type"),
+    ({"ref_model_sync_steps": 0}, "ref_model_sync_steps"),
+    ({"ref_model_sync_steps": 10, "beta": 0.0}, "ref_model_sync_steps"),
     ({"loss_type": "grpo_guard", "sde_type": "cps"}, "grpo_guard"),
     ({"preference_std_scope": "global"}, "preference_std_scope"),
     ({"scale_rewards": "global"}, "scale_rewards"),

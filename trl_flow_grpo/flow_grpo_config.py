@@ -156,6 +156,11 @@ class FlowGRPOConfig(TrainingArguments):
             level gets a centred ratio of the same spread and a gradient of the same scale. It clips with the same
             `epsilon` / `epsilon_high` (the official GRPO-Guard code reuses Flow-GRPO's `clip_range`); only for
             `sde_type="sde"`. Sampling then also records each step's mean (one more latent-sized tensor per step).
+        ref_model_sync_steps (`int`, *optional*):
+            Reference refresh: every this many optimizer steps the KL reference becomes a copy of the current policy
+            (full fine-tuning: the weights are copied into the frozen reference; LoRA: a copy of the adapter weights
+            is kept and swapped in for the reference forward, the base model being the reference until the first
+            refresh). Needs `beta > 0`. Unset: the reference stays the initial model.
         num_iterations (`int`, *optional*, defaults to `1`):
             Number of optimizer steps taken on each generation batch (TRL's mu). Only the first is on-policy.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
@@ -372,6 +377,10 @@ class FlowGRPOConfig(TrainingArguments):
             "choices": LOSS_TYPES,
         },
     )
+    ref_model_sync_steps: int | None = field(
+        default=None,
+        metadata={"help": "Copy the current policy into the KL reference every N optimizer steps; unset: never."},
+    )
     num_iterations: int = field(
         default=1, metadata={"help": "Optimizer steps taken on each generation batch (TRL's mu)."}
     )
@@ -516,6 +525,17 @@ class FlowGRPOConfig(TrainingArguments):
             raise ValueError(f"epsilon ({self.epsilon}) and epsilon_high ({self.epsilon_high}) must be positive.")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        if self.ref_model_sync_steps is not None:
+            if isinstance(self.ref_model_sync_steps, bool) or self.ref_model_sync_steps < 1:
+                raise ValueError(
+                    f"ref_model_sync_steps must be a positive number of optimizer steps, or unset; got "
+                    f"{self.ref_model_sync_steps!r}."
+                )
+            if self.beta == 0:
+                raise ValueError(
+                    f"ref_model_sync_steps={self.ref_model_sync_steps} refreshes the KL reference, and beta=0 has no "
+                    "KL term. Set beta > 0, or unset ref_model_sync_steps."
+                )
         if self.loss_type == "grpo_guard" and self.sde_type != "sde":
             raise ValueError(
                 f"loss_type='grpo_guard' normalises the ratio by the Flow-GRPO SDE's step std s * sqrt(-dt); it is "

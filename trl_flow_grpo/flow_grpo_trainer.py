@@ -37,6 +37,7 @@ from .flow_grpo_config import FlowGRPOConfig
 from .interrupts import StopOnSignal
 from .losses import flow_grpo_loss, grpo_guard_loss
 from .pipelines import get_adapter
+from .reference import ReferenceRefresh
 from .rollout_batch import RolloutBatch
 from .sampling import WindowSchedule, sample, step_log_prob
 from .scoring import Scorer
@@ -207,6 +208,11 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             trained = ((name, p) for name, p in transformer.named_parameters() if p.requires_grad)
             self.ema = ParameterEMA(trained, max_decay=args.ema_decay)
             self.add_callback(_OnStepEnd(self.ema.update))
+        self.reference_refresh = None
+        if args.ref_model_sync_steps is not None:
+            trained = ((name, p) for name, p in transformer.named_parameters() if p.requires_grad)
+            self.reference_refresh = ReferenceRefresh(trained, args.ref_model_sync_steps, self.ref_transformer)
+            self.add_callback(_OnStepEnd(lambda: self.reference_refresh.on_step_end(self.state.global_step)))
         self.add_callback(_OnStepEnd(self.rollout_buffer.mark_step_end))
         self._nonfinite = NonFiniteGuard(lambda: self.accelerator.unwrap_model(self.model).named_parameters())
         self.add_callback(self._nonfinite)  # before StopOnSignal: it raises while the weights hold the last step
@@ -377,6 +383,9 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                 guidance_scale=self.rollout_guidance,
             )
 
+        if args.beta > 0:  # first: a refreshed LoRA reference is swapped into the adapter, before autograd holds it
+            with torch.no_grad(), self._reference_model(model) as reference:
+                _, ref_mean, _, ref_velocity = transition(reference)
         log_prob, mean, std, velocity = transition(model)
         advantages, old_log_prob = inputs.advantages, inputs.log_probs[:, k]
         if args.loss_type == "grpo_guard":
@@ -415,8 +424,6 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         metrics["approx_kl_old"].append(0.5 * (log_prob - old_log_prob).pow(2).mean().item())
 
         if args.beta > 0:
-            with torch.no_grad(), self._reference_model(model) as reference:
-                _, ref_mean, _, ref_velocity = transition(reference)
             dims = tuple(range(1, mean.dim()))
             if args.kl_type == "mean":
                 kl = ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=dims)
@@ -428,11 +435,16 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
 
     @contextlib.contextmanager
     def _reference_model(self, model: torch.nn.Module):
-        """The reference policy: the frozen copy, or the same network with its LoRA adapters disabled."""
+        """The reference policy: the frozen copy, or the same network with its LoRA adapters disabled (or, after a
+        reference refresh, with the refreshed copy of the adapter weights swapped in)."""
         if self.ref_transformer is not None:
             yield self.ref_transformer
             return
         unwrapped = self.accelerator.unwrap_model(model)
+        if self.reference_refresh is not None and self.reference_refresh.holds_lora_weights:
+            with self.reference_refresh.applied():
+                yield unwrapped
+            return
         unwrapped.disable_adapters()
         try:
             yield unwrapped
