@@ -162,6 +162,11 @@ INVALID = [
     ({"num_generations": 0, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1}, "num_generations"),
     ({"sde_type": "ode"}, "sde_type"),
     ({"kl_type": "reverse"}, "kl_type"),
+    ({"loss_type": "ppo"}, "loss_type"),
+    ({"ref_model_sync_steps": 0}, "ref_model_sync_steps"),
+    ({"ref_model_sync_steps": 10, "beta": 0.0}, "ref_model_sync_steps"),
+    ({"loss_type": "grpo_guard", "sde_type": "cps"}, "grpo_guard"),
+    ({"preference_std_scope": "global"}, "preference_std_scope"),
     ({"scale_rewards": "global"}, "scale_rewards"),
     ({"multi_objective_aggregation": "mean"}, "multi_objective_aggregation"),
     ({"timestep_fraction": 0.0}, "timestep_fraction"),
@@ -217,6 +222,13 @@ def test_boundary_values_are_accepted(tmp_path):
 @pytest.mark.parametrize("value, expected", [(True, "group"), (False, "none"), ("batch", "batch"), ("none", "none")])
 def test_scale_rewards_bool_maps_to_mode(tmp_path, value, expected):
     assert make(tmp_path, scale_rewards=value).scale_rewards == expected
+
+
+def test_loss_and_win_rate_std_defaults_keep_the_plain_recipes(tmp_path):
+    cfg = make(tmp_path)
+    assert (cfg.loss_type, cfg.preference_std_scope, cfg.preference_std_bessel) == ("flow_grpo", "group", False)
+    guard = make(tmp_path, loss_type="grpo_guard", preference_std_scope="batch", preference_std_bessel=True)
+    assert (guard.loss_type, guard.epsilon, guard.epsilon_high) == ("grpo_guard", 1e-4, 1e-4)
 
 
 def test_epsilon_high_defaults_to_epsilon(tmp_path):

@@ -88,6 +88,21 @@ def test_symmetric_queries_neutralise_a_position_biased_judge(tmp_path):
     assert log["preferences/RecordingJudge/tie_fraction"] == 1.0
 
 
+@pytest.mark.parametrize("scope", ["group", "batch"])
+@pytest.mark.parametrize("bessel", [False, True])
+def test_win_rate_std_scope_and_bessel_correction_reach_the_advantages(tmp_path, scope, bessel):
+    # A strict brightness ranking within each group of 4 gives win rates 0, 1/3, 2/3, 1 in both groups (all pairs).
+    trainer = make_trainer(
+        tmp_path, preference_funcs=RecordingJudge(), preference_std_scope=scope, preference_std_bessel=bessel
+    )
+    captured = capture_advantages(trainer)
+    trainer.train()
+    rates = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0])
+    pool = rates if scope == "group" else torch.cat([rates, rates])  # the batch holds both groups' rates
+    expected = (rates - 0.5) / (pool.std(unbiased=bessel) + 1e-8)
+    torch.testing.assert_close(captured[0].sort().values, torch.cat([expected, expected]).sort().values)
+
+
 def test_win_rate_and_reward_advantages_are_mixed_with_their_weights(tmp_path):
     scores: list[float] = []
 

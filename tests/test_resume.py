@@ -95,6 +95,40 @@ def test_resume_restores_the_ema(tmp_path):
     assert_identical(straight.ema.shadow, resumed.ema.shadow)
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_reference_refresh_moves_the_kl_reference_and_survives_a_resume(tmp_path, lora):
+    # Refreshed after every step, the reference is the policy of the step being trained: the KL is exactly 0 on every
+    # step (without the refresh it is > 0 from step 2 on: see test_trainer), and so is its gradient.
+    straight = make_trainer(tmp_path / "straight", lora=lora, ref_model_sync_steps=1)
+    straight.train()
+    assert [e["kl"] for e in straight.state.log_history if "kl" in e] == [0.0] * 4
+    assert straight.reference_refresh.last_refresh == 4
+    make_trainer(tmp_path / "split", lora=lora, ref_model_sync_steps=1, max_steps=2).train()
+    assert os.path.isfile(tmp_path / "split" / "checkpoint-2" / "reference.safetensors")
+    resumed = make_trainer(tmp_path / "split", lora=lora, ref_model_sync_steps=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "split" / "checkpoint-2"))
+    # Without the saved reference, step 3 would compare with the initial model (KL > 0) and train other weights.
+    assert [e["kl"] for e in resumed.state.log_history if "kl" in e and e["step"] > 2] == [0.0, 0.0]
+    assert_identical(trained_weights(straight), trained_weights(resumed))
+
+
+def test_reference_refresh_every_two_steps_keeps_the_refreshed_policy(tmp_path):
+    trainer = make_trainer(tmp_path, lora=False, ref_model_sync_steps=2, max_steps=3, save_strategy="no")
+    snapshots = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots[state.global_step] = trained_weights(trainer)
+
+    trainer.add_callback(Snapshot())
+    trainer.train()
+    kl = [e["kl"] for e in trainer.state.log_history if "kl" in e]
+    assert kl[0] == 0.0 and kl[1] > 0.0 and kl[2] == 0.0  # step 3 trains right after the refresh at step 2
+    reference = dict(trainer.ref_transformer.named_parameters())
+    assert_identical(snapshots[2], {name: reference[name].detach() for name in snapshots[2]})
+    assert not all(torch.equal(snapshots[3][name], reference[name]) for name in snapshots[3])
+
+
 def test_resume_with_another_lora_fails_with_a_clear_error(tmp_path):
     make_trainer(tmp_path, max_steps=2).train()
     full = make_trainer(tmp_path, lora=False)

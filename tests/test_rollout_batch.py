@@ -6,7 +6,7 @@ import torch
 from trl_flow_grpo.rollout_batch import RolloutBatch, load_rollout_batches, save_rollout_batches
 
 
-def make_batch(seed: int, advantages: bool = True) -> RolloutBatch:
+def make_batch(seed: int, advantages: bool = True, means: bool = False) -> RolloutBatch:
     g = torch.Generator().manual_seed(seed)
     trajectory = torch.randn(3, 3, 4, 2, 2, generator=g)  # K + 1 states: latents and next_latents are views of it
     return RolloutBatch(
@@ -16,6 +16,7 @@ def make_batch(seed: int, advantages: bool = True) -> RolloutBatch:
         log_probs=torch.randn(3, 2, generator=g),
         step_indices=[1, 2],
         advantages=torch.randn(3, generator=g) if advantages else None,
+        means=torch.randn(3, 2, 4, 2, 2, generator=g) if means else None,
     )
 
 
@@ -28,10 +29,13 @@ def assert_equal(a: RolloutBatch, b: RolloutBatch) -> None:
     assert (a.advantages is None) == (b.advantages is None)
     if a.advantages is not None:
         assert torch.equal(a.advantages, b.advantages)
+    assert (a.means is None) == (b.means is None)
+    if a.means is not None:
+        assert torch.equal(a.means, b.means)
 
 
 def test_safetensors_round_trip_is_bit_identical(tmp_path):
-    batches = [make_batch(0), make_batch(1), make_batch(2, advantages=False)]
+    batches = [make_batch(0), make_batch(1, means=True), make_batch(2, advantages=False)]
     path = str(tmp_path / "buffer.safetensors")
     save_rollout_batches(batches, path, metadata={"steps_on_buffer": "1"})
     loaded, metadata = load_rollout_batches(path)
@@ -50,12 +54,14 @@ def test_state_dict_keys_keep_the_checkpoint_format():
         + ["0.advantages"]
     )
     assert state["0.step_indices"].dtype == torch.int64
+    # GRPO-Guard's batches add the sampling policy's step means.
+    assert set(make_batch(0, means=True).state_dict(prefix="0.")) - set(state) == {"0.means"}
 
 
 def test_to_moves_every_tensor():
-    batch = make_batch(0)
+    batch = make_batch(0, means=True)
     moved = batch.to("meta")
-    tensors = [*moved.cond.values(), moved.latents, moved.next_latents, moved.log_probs, moved.advantages]
+    tensors = [*moved.cond.values(), moved.latents, moved.next_latents, moved.log_probs, moved.advantages, moved.means]
     assert all(t.device.type == "meta" for t in tensors)
     assert moved.step_indices == batch.step_indices
     assert batch.latents.device.type == "cpu"  # the original is unchanged

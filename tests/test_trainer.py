@@ -247,6 +247,87 @@ def test_num_iterations_reuses_samples_off_policy(tmp_path, monkeypatch):
     assert by_step[2]["ratio/mean"] != 1.0 or by_step[2]["approx_kl_old"] > 0
 
 
+def test_per_step_ratio_metrics_and_eval_reward_gap(tmp_path):
+    args = make_args(tmp_path, max_steps=2, num_iterations=2, beta=0.0, learning_rate=1e-2)
+    trainer = FlowGRPOTrainer(
+        make_tiny_sd3_pipeline(),
+        "jpeg_compressibility",
+        args=args,
+        train_dataset=prompt_dataset(),
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
+        peft_config=tiny_lora_config(),
+    )
+    trainer.train()
+
+    steps = list(range(args.num_sde_steps))  # the full window: grid steps 0 .. 2 of 4
+    first, second = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert not any(key.startswith(f"ratio/step_{len(steps)}/") for key in first)
+    for k in steps:
+        # Step 1 is on-policy: every ratio is exactly 1. Step 2 reuses the samples after an update.
+        assert first[f"ratio/step_{k}/mean"] == 1.0 and first[f"ratio/step_{k}/std"] == 0.0
+        assert second[f"ratio/step_{k}/std"] > 0.0
+    # The per-step means average to the overall mean (every step has the same number of samples).
+    overall = np.mean([second[f"ratio/step_{k}/mean"] for k in steps])
+    assert second["ratio/mean"] == pytest.approx(overall, rel=1e-6)
+
+    metrics = trainer.evaluate()
+    # The newest training reward is that of the first (only) generation batch.
+    assert metrics["eval_reward_gap"] == pytest.approx(metrics["eval_reward"] - first["reward"], rel=1e-6)
+    assert logged(trainer, "eval_reward_gap") == [metrics["eval_reward_gap"]]
+
+
+def test_eval_reward_gap_needs_a_training_reward(tmp_path):
+    trainer = FlowGRPOTrainer(
+        make_tiny_sd3_pipeline(),
+        "jpeg_compressibility",
+        args=make_args(tmp_path),
+        train_dataset=prompt_dataset(),
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
+        peft_config=tiny_lora_config(),
+    )
+    assert "eval_reward_gap" not in trainer.evaluate()  # no training batch yet: nothing to compare with
+
+
+def test_grpo_guard_trains_on_policy_with_ratio_one_and_records_the_means(tmp_path, monkeypatch):
+    pipe = make_tiny_sd3_pipeline()
+    args = make_args(tmp_path, loss_type="grpo_guard", beta=0.04, learning_rate=1e-2)
+    trainer = FlowGRPOTrainer(
+        pipe, "jpeg_compressibility", args=args, train_dataset=prompt_dataset(), peft_config=tiny_lora_config()
+    )
+    records = record_log_probs(monkeypatch, trainer)
+    lora_before = lora_params(pipe.transformer)
+
+    trainer.train()
+
+    for record in records:
+        batch = record["inputs"]
+        assert batch.means is not None and batch.means.shape == batch.latents.shape
+        assert batch.means.dtype == torch.float32
+    assert logged(trainer, "ratio/mean") == [1.0, 1.0]
+    assert all(v == 1.0 for k in range(args.num_sde_steps) for v in logged(trainer, f"ratio/step_{k}/mean"))
+    lora_after = lora_params(pipe.transformer)
+    assert any(not torch.equal(lora_before[name], lora_after[name]) for name in lora_before)
+    # On-policy the loss of step k is -mean(A) / (-dt_k) plus the KL; the advantages of a group sum to 0, so the
+    # logged policy part is ~0 (a nonzero KL after the first update only adds to it).
+    assert all(abs(v) < 1.0 for v in logged(trainer, "loss"))
+
+
+def test_grpo_guard_off_policy_batch_without_means_raises(tmp_path):
+    trainer = FlowGRPOTrainer(
+        make_tiny_sd3_pipeline(),
+        "jpeg_compressibility",
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=prompt_dataset(),
+        peft_config=tiny_lora_config(),
+    )
+    groups = [[{"prompt": PROMPTS[i], "_row": i}] * 4 for i in range(2)]  # two whole groups, one per micro-batch
+    batch = trainer._generate_and_score(groups)[0]
+    assert batch.means is None  # flow_grpo does not record them
+    trainer.args.loss_type = "grpo_guard"
+    with pytest.raises(ValueError, match="needs the sampling policy's step means"):
+        trainer._step_loss(trainer.model, batch.to(trainer.accelerator.device), 0, batch.step_indices[0])
+
+
 def test_trl_generation_batch_size_samples_once_per_optimizer_step(tmp_path, monkeypatch):
     """A TRL-style `generation_batch_size` (here one optimizer step's 8 images) trains like the default: every step
     samples its own 2 micro-batches of 4 images and trains on each of them once."""

@@ -116,6 +116,49 @@ def test_win_rate_advantages_ignore_score_magnitudes_unlike_std_normalisation():
     assert pref.abs().max() < grpo.abs().max()
 
 
+WIN_RATES = torch.tensor([1.0, 0.5, 0.0, 0.75, 0.25, 0.5])  # two groups of 3, written out below
+GROUP_IDS = torch.tensor([0, 0, 0, 1, 1, 1])
+
+
+def test_win_rate_advantages_group_population_std_is_the_default():
+    # Group 0: mean 0.5, population std sqrt((0.25 + 0 + 0.25) / 3); group 1: mean 0.5, sqrt((0.0625 * 2) / 3).
+    std0, std1 = math.sqrt(0.5 / 3), math.sqrt(0.125 / 3)
+    expected = torch.tensor([0.5 / std0, 0.0, -0.5 / std0, 0.25 / std1, -0.25 / std1, 0.0])
+    torch.testing.assert_close(win_rate_advantages(WIN_RATES, GROUP_IDS), expected, rtol=1e-6, atol=1e-6)
+    explicit = win_rate_advantages(WIN_RATES, GROUP_IDS, scope="group", unbiased=False)
+    assert torch.equal(explicit, win_rate_advantages(WIN_RATES, GROUP_IDS))
+
+
+def test_win_rate_advantages_bessel_corrected_group_std():
+    # The released Pref-GRPO code with --use_group: (w - group mean) / (torch.std(group) + 1e-8), std over n - 1.
+    expected = torch.cat([(g - g.mean()) / (g.std() + 1e-8) for g in (WIN_RATES[:3], WIN_RATES[3:])])
+    torch.testing.assert_close(win_rate_advantages(WIN_RATES, GROUP_IDS, unbiased=True), expected)
+    # Bessel's correction shrinks every advantage by sqrt((n - 1) / n) = sqrt(2 / 3) here.
+    ratio = win_rate_advantages(WIN_RATES, GROUP_IDS, unbiased=True)[0] / win_rate_advantages(WIN_RATES, GROUP_IDS)[0]
+    assert ratio.item() == pytest.approx(math.sqrt(2 / 3), rel=1e-6)
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_win_rate_advantages_over_the_batch(unbiased):
+    # Without --use_group: (w - batch mean) / (batch std + 1e-8), over all 6 samples.
+    wins = torch.tensor([1.0, 0.5, 0.0, 0.9, 0.6, 0.3])  # group means 0.5 and 0.6: the batch mean is 0.55
+    batch_std = wins.std(unbiased=unbiased)
+    expected = (wins - 0.55) / (batch_std + 1e-8)
+    got = win_rate_advantages(wins, GROUP_IDS, scope="batch", unbiased=unbiased)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert got[0].item() != pytest.approx(win_rate_advantages(wins, GROUP_IDS, unbiased=unbiased)[0].item())
+
+
+def test_win_rate_advantages_bessel_on_a_single_sample_group_is_zero_not_nan():
+    adv = win_rate_advantages(torch.tensor([0.5, 1.0, 0.0]), torch.tensor([0, 1, 1]), unbiased=True)
+    assert torch.isfinite(adv).all() and adv[0].item() == 0.0
+
+
+def test_win_rate_advantages_reject_an_unknown_scope():
+    with pytest.raises(ValueError, match="scope must be 'group' or 'batch', got 'global'"):
+        win_rate_advantages(WIN_RATES, GROUP_IDS, scope="global")
+
+
 def test_mix_advantages_is_a_clipped_weighted_sum():
     a, b = torch.tensor([1.0, -1.0, 4.0]), torch.tensor([2.0, 0.0, 4.0])
     torch.testing.assert_close(mix_advantages([a, b], [0.4, 0.6], adv_clip_max=3.0), torch.tensor([1.6, -0.4, 3.0]))

@@ -25,14 +25,18 @@ class AdvantageOutput:
     """Fraction of groups whose rewards are all equal (they carry no learning signal)."""
 
 
-def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample mean and population standard deviation of `values` within each sample's group.
+def group_stats(
+    values: torch.Tensor, group_ids: torch.Tensor, *, unbiased: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean and standard deviation of `values` within each sample's group.
 
     NaN entries (not applicable) are ignored; a group with no finite value gets mean 0 and std 0.
 
     Args:
         values: shape (N,).
         group_ids: shape (N,), any integer ids.
+        unbiased: divide the squared deviations by `n - 1` (Bessel's correction, `torch.std`'s default) instead of
+            `n` (the population std); a group with a single finite value then gets std 0.
 
     Returns:
         `(mean, std)`, each of shape (N,), broadcast back to the samples.
@@ -47,7 +51,8 @@ def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Te
     total = torch.zeros_like(count).index_add_(0, inverse, filled)
     mean = total / count.clamp(min=1)
     sq_dev = torch.where(valid, (values - mean[inverse]) ** 2, torch.zeros_like(values))
-    var = torch.zeros_like(count).index_add_(0, inverse, sq_dev) / count.clamp(min=1)
+    divisor = (count - 1).clamp(min=1) if unbiased else count.clamp(min=1)
+    var = torch.zeros_like(count).index_add_(0, inverse, sq_dev) / divisor
     return mean[inverse].to(out_dtype), var.sqrt()[inverse].to(out_dtype)
 
 
@@ -199,14 +204,30 @@ def win_rates(num_samples: int, pairs: torch.Tensor, probs: torch.Tensor) -> tor
     return torch.where(games > 0, wins / games.clamp(min=1), torch.full_like(wins, 0.5)).float()
 
 
-def win_rate_advantages(win_rate: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Pref-GRPO's advantage: `A_i = (w_i - mean_group(w)) / (std_group(w) + 1e-8)`.
+def win_rate_advantages(
+    win_rate: torch.Tensor, group_ids: torch.Tensor, *, scope: str = "group", unbiased: bool = False
+) -> torch.Tensor:
+    """Pref-GRPO's advantage: `A_i = (w_i - mean(w)) / (std(w) + 1e-8)`.
 
     Win rates move on a grid set by the number of opponents and reflect ranks, not score gaps: a group whose images
     are indistinguishable (all ties) gets advantages of exactly 0 where `(r - mean) / (std + eps)` of near-equal scores
-    is unit-size noise, and a strict ranking gives at most `sqrt(3 (G-1)/(G+1)) < sqrt(3)` whatever the score gaps.
+    is unit-size noise, and a strict ranking gives at most `sqrt(3 (G-1)/(G+1)) < sqrt(3)` whatever the score gaps
+    (with the population std of the group).
+
+    Args:
+        win_rate: shape (N,).
+        group_ids: shape (N,), equal for the samples of one prompt group.
+        scope: `"group"`: mean and std of the sample's group (the released code with `--use_group`); `"batch"`: mean
+            and std of the whole gathered batch (without it). With every pair compared, both means are exactly 0.5.
+        unbiased: Bessel-corrected std (`n - 1`, `torch.std` as in the released code) instead of the population std.
     """
-    mean, std = group_stats(win_rate, group_ids)
+    if scope == "group":
+        mean, std = group_stats(win_rate, group_ids, unbiased=unbiased)
+    elif scope == "batch":
+        everything = torch.zeros_like(group_ids)
+        mean, std = group_stats(win_rate, everything, unbiased=unbiased)
+    else:
+        raise ValueError(f"scope must be 'group' or 'batch', got {scope!r}.")
     return (win_rate - mean) / (std + WIN_RATE_STD_EPS)
 
 

@@ -31,7 +31,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checkpoint_integrity, hub
 from .data import GroupSampler
-from .file_names import EMA_WEIGHTS_NAME, LORA_WEIGHTS_NAME, ROLLOUT_BUFFER_NAME, TRANSFORMER_FOLDER
+from .file_names import (
+    EMA_WEIGHTS_NAME,
+    LORA_WEIGHTS_NAME,
+    REFERENCE_WEIGHTS_NAME,
+    ROLLOUT_BUFFER_NAME,
+    TRANSFORMER_FOLDER,
+)
 from .interrupts import newest_complete_checkpoint
 from .rewards.preferences import preference_func_name
 from .rollout_batch import RolloutBatch, load_rollout_batches, save_rollout_batches
@@ -145,7 +151,8 @@ class RolloutBuffer:
 class CheckpointingMixin:
     """Save, resume, signal-time saves and Hub pushes of `FlowGRPOTrainer`: every private Trainer override.
 
-    Expects of the trainer: `adapter`, `is_lora`, `ema`, `rollout_buffer`, `_stop_on_signal` and `_any_process`; for
+    Expects of the trainer: `adapter`, `is_lora`, `ema`, `reference_refresh`, `rollout_buffer`, `_stop_on_signal` and
+    `_any_process`; for
     the model card `pipeline`, `guidance_scale`, `reward_funcs`, `reward_func_names`, `preference_funcs`,
     `_last_eval_samples` (images and prompts of the newest evaluation, or `None`), `_last_samples` (the newest
     rollouts, a `sample_logging.SampleTable`, or `None`) and the class attributes `_name`, `_paper` (a `hub.Paper`)
@@ -236,6 +243,8 @@ class CheckpointingMixin:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.ema is not None and self.args.should_save:
             save_file(self.ema.state_dict(), os.path.join(output_dir, EMA_WEIGHTS_NAME))
+        if self.reference_refresh is not None and self.args.should_save:
+            save_file(self.reference_refresh.state_dict(), os.path.join(output_dir, REFERENCE_WEIGHTS_NAME))
         self.rollout_buffer.save(output_dir, self.accelerator.process_index)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -245,6 +254,14 @@ class CheckpointingMixin:
         path = os.path.join(checkpoint, ROLLOUT_BUFFER_NAME.format(rank=self.accelerator.process_index))
         if not self._any_process(not os.path.isfile(path)):  # all processes use their buffer, or all sample anew
             self.rollout_buffer.load(path, self.accelerator.device)
+        if self.reference_refresh is not None:
+            path = os.path.join(checkpoint, REFERENCE_WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{checkpoint} has no {REFERENCE_WEIGHTS_NAME}: it was written without ref_model_sync_steps. "
+                    "Resume with the same ref_model_sync_steps as the run that wrote it (unset if it had none)."
+                )
+            self.reference_refresh.load_state_dict(load_file(path, device=str(self.accelerator.device)))
         if self.ema is None:
             return
         path = os.path.join(checkpoint, EMA_WEIGHTS_NAME)

@@ -5,6 +5,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .losses import LOSS_TYPES
 from .sampling.dpm import ODE_SOLVERS
 from .sampling.steps import SDE_TYPES
 from .sampling.windows import WINDOW_SCHEDULES, WINDOW_TYPES, WindowSchedule, default_window_range, full_window
@@ -13,6 +14,7 @@ from .validation import REDACTED, check_config, check_generation_batch, redact
 KL_TYPES = ("mean", "velocity")
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+PREFERENCE_STD_SCOPES = ("group", "batch")
 
 
 @dataclass
@@ -147,6 +149,18 @@ class FlowGRPOConfig(TrainingArguments):
             so ratios stay very close to 1 and the range is tiny.
         epsilon_high (`float`, *optional*):
             Upper clip range (`1 + epsilon_high`); defaults to `epsilon`.
+        loss_type (`str`, *optional*, defaults to `"flow_grpo"`):
+            `"flow_grpo"`: the clipped ratio `exp(log p - log p_old)`. `"grpo_guard"` (GRPO-Guard, Wang et al.
+            2025): the ratio is RatioNorm-normalised per step, `exp((log p - log p_old + b) * s sqrt(-dt))` with
+            `b = mean((mu - mu_old)^2) / (2 s^2 (-dt))`, and the step's loss is divided by `-dt`, so that every noise
+            level gets a centred ratio of the same spread and a gradient of the same scale. It clips with the same
+            `epsilon` / `epsilon_high` (the official GRPO-Guard code reuses Flow-GRPO's `clip_range`); only for
+            `sde_type="sde"`. Sampling then also records each step's mean (one more latent-sized tensor per step).
+        ref_model_sync_steps (`int`, *optional*):
+            Reference refresh: every this many optimizer steps the KL reference becomes a copy of the current policy
+            (full fine-tuning: the weights are copied into the frozen reference; LoRA: a copy of the adapter weights
+            is kept and swapped in for the reference forward, the base model being the reference until the first
+            refresh). Needs `beta > 0`. Unset: the reference stays the initial model.
         num_iterations (`int`, *optional*, defaults to `1`):
             Number of optimizer steps taken on each generation batch (TRL's mu). Only the first is on-policy.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
@@ -182,6 +196,12 @@ class FlowGRPOConfig(TrainingArguments):
         preference_symmetric (`bool`, *optional*, defaults to `False`):
             Query every pair in both orders and average, `p = (p_ab + 1 - p_ba) / 2`, to cancel a judge's position
             bias (twice the judge calls).
+        preference_std_scope (`str`, *optional*, defaults to `"group"`):
+            Win-rate advantages `(w - mean) / (std + 1e-8)` with the mean and std of the image's group (`"group"`),
+            or of the whole gathered batch (`"batch"`, the released Pref-GRPO code without `--use_group`).
+        preference_std_bessel (`bool`, *optional*, defaults to `False`):
+            Use the Bessel-corrected standard deviation of the win rates (divide by `n - 1`, as `torch.std` in the
+            released Pref-GRPO code) instead of the population one (divide by `n`).
         preference_temperature (`float`, *optional*, defaults to `0.0`):
             For preference functions named by a built-in *reward* (e.g. `"shapes_geneval"`):
             `p = sigmoid((s_a - s_b) / preference_temperature)`; `0` gives hard verdicts 1 / 0.
@@ -350,6 +370,17 @@ class FlowGRPOConfig(TrainingArguments):
     epsilon_high: float | None = field(
         default=None, metadata={"help": "Upper clip range of the ratio; defaults to `epsilon`."}
     )
+    loss_type: str = field(
+        default="flow_grpo",
+        metadata={
+            "help": "`flow_grpo`: clipped ratio; `grpo_guard`: RatioNorm ratio and 1/(-dt) step weights (SDE only).",
+            "choices": LOSS_TYPES,
+        },
+    )
+    ref_model_sync_steps: int | None = field(
+        default=None,
+        metadata={"help": "Copy the current policy into the KL reference every N optimizer steps; unset: never."},
+    )
     num_iterations: int = field(
         default=1, metadata={"help": "Optimizer steps taken on each generation batch (TRL's mu)."}
     )
@@ -388,6 +419,16 @@ class FlowGRPOConfig(TrainingArguments):
     )
     preference_symmetric: bool = field(
         default=False, metadata={"help": "Query each pair in both orders and average (cancels position bias)."}
+    )
+    preference_std_scope: str = field(
+        default="group",
+        metadata={
+            "help": "Win-rate mean and std of the `group` or the whole `batch`.",
+            "choices": PREFERENCE_STD_SCOPES,
+        },
+    )
+    preference_std_bessel: bool = field(
+        default=False, metadata={"help": "Bessel-corrected (n - 1) win-rate std instead of the population std."}
     )
     preference_temperature: float = field(
         default=0.0, metadata={"help": "Reward-named preferences: p = sigmoid(diff / T); 0 = hard verdicts."}
@@ -453,6 +494,8 @@ class FlowGRPOConfig(TrainingArguments):
 
         self._check_choice("sde_type", SDE_TYPES)
         self._check_choice("kl_type", KL_TYPES)
+        self._check_choice("loss_type", LOSS_TYPES)
+        self._check_choice("preference_std_scope", PREFERENCE_STD_SCOPES)
         self._check_choice("scale_rewards", SCALE_REWARDS)
         self._check_choice("multi_objective_aggregation", AGGREGATIONS)
         self._check_choice("sde_window", WINDOW_TYPES)
@@ -482,6 +525,22 @@ class FlowGRPOConfig(TrainingArguments):
             raise ValueError(f"epsilon ({self.epsilon}) and epsilon_high ({self.epsilon_high}) must be positive.")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        if self.ref_model_sync_steps is not None:
+            if isinstance(self.ref_model_sync_steps, bool) or self.ref_model_sync_steps < 1:
+                raise ValueError(
+                    f"ref_model_sync_steps must be a positive number of optimizer steps, or unset; got "
+                    f"{self.ref_model_sync_steps!r}."
+                )
+            if self.beta == 0:
+                raise ValueError(
+                    f"ref_model_sync_steps={self.ref_model_sync_steps} refreshes the KL reference, and beta=0 has no "
+                    "KL term. Set beta > 0, or unset ref_model_sync_steps."
+                )
+        if self.loss_type == "grpo_guard" and self.sde_type != "sde":
+            raise ValueError(
+                f"loss_type='grpo_guard' normalises the ratio by the Flow-GRPO SDE's step std s * sqrt(-dt); it is "
+                f"not defined for sde_type={self.sde_type!r}. Use sde_type='sde' or loss_type='flow_grpo'."
+            )
         if self.adv_clip_max <= 0:
             raise ValueError(f"adv_clip_max must be positive, got {self.adv_clip_max}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

@@ -35,7 +35,9 @@ from .ema import ParameterEMA
 from .finite import NonFiniteGuard
 from .flow_grpo_config import FlowGRPOConfig
 from .interrupts import StopOnSignal
+from .losses import flow_grpo_loss, grpo_guard_loss
 from .pipelines import get_adapter
+from .reference import ReferenceRefresh
 from .rollout_batch import RolloutBatch
 from .sampling import WindowSchedule, sample, step_log_prob
 from .scoring import Scorer
@@ -180,6 +182,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         self._last_samples: sample_logging.SampleTable | None = None  # this process's newest rollouts
         self._last_sample_scores: list[float] = []  # their weighted rewards (advantages if pref-only): grid captions
         self._last_eval_samples: tuple[list, list[str]] | None = None  # the newest evaluation's first images, prompts
+        self._last_train_reward: float | None = None  # mean weighted reward of the newest generation batch
         self.rollout_buffer = RolloutBuffer(args.num_iterations)
         super().__init__(
             model=transformer,
@@ -205,6 +208,11 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             trained = ((name, p) for name, p in transformer.named_parameters() if p.requires_grad)
             self.ema = ParameterEMA(trained, max_decay=args.ema_decay)
             self.add_callback(_OnStepEnd(self.ema.update))
+        self.reference_refresh = None
+        if args.ref_model_sync_steps is not None:
+            trained = ((name, p) for name, p in transformer.named_parameters() if p.requires_grad)
+            self.reference_refresh = ReferenceRefresh(trained, args.ref_model_sync_steps, self.ref_transformer)
+            self.add_callback(_OnStepEnd(lambda: self.reference_refresh.on_step_end(self.state.global_step)))
         self.add_callback(_OnStepEnd(self.rollout_buffer.mark_step_end))
         self._nonfinite = NonFiniteGuard(lambda: self.accelerator.unwrap_model(self.model).named_parameters())
         self.add_callback(self._nonfinite)  # before StopOnSignal: it raises while the weights hold the last step
@@ -296,6 +304,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                     # With shared noise, the rows of one prompt share the ODE steps before the window: computed once
                     # per prompt of this micro-batch (a group split over micro-batches computes it once in each).
                     prefix_groups=[row["_row"] for row in rows] if args.same_latent else None,
+                    record_means=args.loss_type == "grpo_guard",  # its RatioNorm compares them with the new means
                     autocast=self.compute_loss_context_manager,
                 )
             )
@@ -328,6 +337,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         for key, value in metrics.items():
             self._metrics[key].append(value)
         self._metrics["num_images"] = [float((self._generation + 1) * scores.rewards.shape[0])]
+        self._last_train_reward = scores.metrics.get("reward")  # for `eval_reward_gap`
         shown = scores.pointwise.rewards[local] if scores.pointwise is not None else advantages  # pref-only
         self._last_samples = sample_logging.SampleTable(
             step=self.state.global_step,
@@ -385,13 +395,38 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                 guidance_scale=self.rollout_guidance,
             )
 
+        if args.beta > 0:  # first: a refreshed LoRA reference is swapped into the adapter, before autograd holds it
+            with torch.no_grad(), self._reference_model(model) as reference:
+                _, ref_mean, _, ref_velocity = transition(reference)
         log_prob, mean, std, velocity = transition(model)
         advantages, old_log_prob = inputs.advantages, inputs.log_probs[:, k]
-        ratio = torch.exp(log_prob - old_log_prob)
-        clipped = torch.clamp(ratio, 1 - args.epsilon, 1 + args.epsilon_high)
-        loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
+        if args.loss_type == "grpo_guard":
+            if inputs.means is None:
+                raise ValueError(
+                    "loss_type='grpo_guard' needs the sampling policy's step means, and this rollout batch has none "
+                    "(it was sampled, or saved in a checkpoint, with loss_type='flow_grpo'). Resume with the "
+                    "loss_type the run was started with, or start from a fresh generation batch."
+                )
+            policy = grpo_guard_loss(
+                log_prob,
+                old_log_prob,
+                advantages,
+                args.epsilon,
+                args.epsilon_high,
+                mean=mean,
+                old_mean=inputs.means[:, k],
+                std_dev_t=std,
+                dt=self.train_sigmas[step + 1] - self.train_sigmas[step],
+            )
+        else:
+            policy = flow_grpo_loss(log_prob, old_log_prob, advantages, args.epsilon, args.epsilon_high)
+        loss, ratio = policy.loss, policy.ratio
 
         metrics = self._metrics
+        # Per grid step: a ratio whose mean drifts below 1 or whose spread grows at some noise levels is the sign of
+        # over-optimisation that GRPO-Guard describes (population std over the micro-batch, averaged in `log`).
+        metrics[f"ratio/step_{step}/mean"].append(ratio.mean().item())
+        metrics[f"ratio/step_{step}/std"].append(ratio.detach().std(unbiased=False).item())
         is_low = (ratio < 1 - args.epsilon) & (advantages < 0)
         is_high = (ratio > 1 + args.epsilon_high) & (advantages > 0)
         metrics["clip_ratio/low_mean"].append(is_low.float().mean().item())
@@ -401,8 +436,6 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         metrics["approx_kl_old"].append(0.5 * (log_prob - old_log_prob).pow(2).mean().item())
 
         if args.beta > 0:
-            with torch.no_grad(), self._reference_model(model) as reference:
-                _, ref_mean, _, ref_velocity = transition(reference)
             dims = tuple(range(1, mean.dim()))
             if args.kl_type == "mean":
                 kl = ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=dims)
@@ -414,11 +447,16 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
 
     @contextlib.contextmanager
     def _reference_model(self, model: torch.nn.Module):
-        """The reference policy: the frozen copy, or the same network with its LoRA adapters disabled."""
+        """The reference policy: the frozen copy, or the same network with its LoRA adapters disabled (or, after a
+        reference refresh, with the refreshed copy of the adapter weights swapped in)."""
         if self.ref_transformer is not None:
             yield self.ref_transformer
             return
         unwrapped = self.accelerator.unwrap_model(model)
+        if self.reference_refresh is not None and self.reference_refresh.holds_lora_weights:
+            with self.reference_refresh.applied():
+                yield unwrapped
+            return
         unwrapped.disable_adapters()
         try:
             yield unwrapped
@@ -480,6 +518,10 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         transformer.train(was_training)
 
         metrics, weighted = self.scorer.evaluate(images, rows, self.state, metric_key_prefix)
+        if self._last_train_reward is not None:  # a proxy reward that rises while this falls is being hacked
+            metrics[f"{metric_key_prefix}_reward_gap"] = (
+                metrics[f"{metric_key_prefix}_reward"] - self._last_train_reward
+            )
         prompts = [row["prompt"] for row in rows]
         self._last_eval_samples = (images[: hub.MAX_WIDGET_IMAGES], prompts[: hub.MAX_WIDGET_IMAGES])  # widget
         self.log(metrics)

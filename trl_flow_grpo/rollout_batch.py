@@ -33,6 +33,9 @@ class RolloutBatch:
     """The K grid steps that were recorded (indices into the sigma grid), the same for every sample."""
     advantages: torch.Tensor | None = None
     """(B,): the advantage of each sample; `None` until the batch is scored."""
+    means: torch.Tensor | None = None
+    """(B, K, *latent): the sampling policy's mean of each recorded step, float32; recorded only for
+    `loss_type="grpo_guard"` (its RatioNorm compares them with the current policy's means)."""
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -46,6 +49,7 @@ class RolloutBatch:
             next_latents=self.next_latents.to(device),
             log_probs=self.log_probs.to(device),
             advantages=None if self.advantages is None else self.advantages.to(device),
+            means=None if self.means is None else self.means.to(device),
         )
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -57,6 +61,8 @@ class RolloutBatch:
         state[f"{prefix}step_indices"] = torch.tensor(self.step_indices, dtype=torch.int64)
         if self.advantages is not None:
             state[f"{prefix}advantages"] = self.advantages.detach().clone()
+        if self.means is not None:
+            state[f"{prefix}means"] = self.means.detach().clone()
         return state
 
     @classmethod
@@ -69,6 +75,7 @@ class RolloutBatch:
             log_probs=state["log_probs"],
             step_indices=state["step_indices"].tolist(),
             advantages=state.get("advantages"),
+            means=state.get("means"),
         )
 
 

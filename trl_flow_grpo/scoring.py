@@ -344,7 +344,11 @@ class Scorer:
         parts, metrics = [], {"preferences/pairs": float(len(queries))}
         for m, name in enumerate(self.preference_func_names):
             rates = win_rates(len(group_ids), pairs, probs[:, m])
-            parts.append(win_rate_advantages(rates, group_ids))
+            parts.append(
+                win_rate_advantages(
+                    rates, group_ids, scope=args.preference_std_scope, unbiased=args.preference_std_bessel
+                )
+            )
             _, rate_std = group_stats(rates, group_ids)
             metrics[f"preferences/{name}/win_rate_mean"] = rates.mean().item()
             metrics[f"preferences/{name}/win_rate_std"] = rate_std.mean().item()

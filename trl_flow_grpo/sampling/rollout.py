@@ -44,6 +44,8 @@ class Trajectory:
     """Transformer forward passes of the rollout, counted per sample (a CFG evaluation of a sample counts 2)."""
     transformer_calls_saved: int = 0
     """Forward passes the shared prefix saved, compared with computing it for every sample (same unit)."""
+    means: torch.Tensor | None = None
+    """(B, K, *latent): the mean of each recorded step's Gaussian, float32; only with `record_means`."""
 
 
 def _prefix_representatives(prefix_groups: Sequence[Hashable], batch: int) -> tuple[list[int], list[int]]:
@@ -74,6 +76,7 @@ def rollout(
     ode_solver: str = "euler",
     ode_compression: float = 1.0,
     prefix_groups: Sequence[Hashable] | None = None,
+    record_means: bool = False,
 ) -> Trajectory:
     """Sample B latents from `noise` over the grid `sigmas` (T + 1 points).
 
@@ -91,6 +94,9 @@ def rollout(
     `prefix_groups` (one hashable id per row, e.g. the dataset row of its prompt) promises that rows with the same id
     have the same prompt and the same noise; the noise is checked, and the group's prefix uses its first row's
     conditioning.
+
+    With `record_means` the mean of each recorded step's Gaussian is kept too (GRPO-Guard's RatioNorm needs the
+    sampling policy's means; one more latent-sized tensor per recorded step).
 
     With the defaults (Euler, no compression, no groups) every ODE step is the plain Euler step on the grid, as it
     was before windows existed. The SDE noise is drawn from `generator` for the whole batch at each SDE step, so the
@@ -138,14 +144,16 @@ def rollout(
     x = prefix_x[inverse] if inverse is not None else prefix_x
 
     # 2. Window: SDE steps are recorded; gaps between them are Euler steps.
-    recorded, recorded_next, log_probs = [], [], []
+    recorded, recorded_next, log_probs, means = [], [], [], []
     for i in range(prefix_end, tail_start):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         v = adapter.velocity(transformer, x, sigma.expand(batch), cond, guidance_scale)
         if i in sde_set:
-            x_next, log_prob, _, _ = sde_step_with_logprob(
+            x_next, log_prob, mean, _ = sde_step_with_logprob(
                 v, x, sigma, sigma_next, noise_level, sde_type, generator=generator, sigma_1=sigmas[1]
             )
+            if record_means:
+                means.append(mean)
             recorded.append(x)
             recorded_next.append(x_next)
             log_probs.append(log_prob)
@@ -170,6 +178,7 @@ def rollout(
         final_latents=x,
         transformer_calls=calls,
         transformer_calls_saved=saved,
+        means=(torch.stack(means, dim=1) if means else empty) if record_means else None,
     )
 
 

@@ -51,6 +51,7 @@ def sample(
     ode_solver: str = "euler",
     ode_compression: float = 1.0,
     prefix_groups: Sequence[Hashable] | None = None,
+    record_means: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Samples:
     """Encode `prompts`, roll out from `noise` (B, *latent) over `sigmas`, and decode the final latents.
@@ -75,6 +76,7 @@ def sample(
             ode_solver=ode_solver,
             ode_compression=ode_compression,
             prefix_groups=prefix_groups,
+            record_means=record_means,
         )
     batch = RolloutBatch(
         cond=cond,
@@ -82,6 +84,7 @@ def sample(
         next_latents=trajectory.next_latents,
         log_probs=trajectory.log_probs,
         step_indices=trajectory.step_indices,
+        means=trajectory.means,
     )
     return Samples(
         images=adapter.decode(trajectory.final_latents),
