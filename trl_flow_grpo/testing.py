@@ -15,7 +15,8 @@ downloading anything from the Hugging Face Hub. Every component is built in code
 
 [`make_tiny_flux_pipeline`] builds a [`~diffusers.FluxPipeline`] the same way (a 1 + 1-layer
 [`~diffusers.FluxTransformer2DModel`], optionally with FLUX.1-dev's guidance embedding; a CLIP text encoder and a T5
-encoder; FLUX's dynamic-shift scheduler).
+encoder; FLUX's dynamic-shift scheduler), [`make_tiny_qwen_image_pipeline`] a [`~diffusers.QwenImagePipeline`] and
+[`make_tiny_z_image_pipeline`] a [`~diffusers.ZImagePipeline`] (a tiny Qwen3 text encoder with a chat template).
 
 The images are noise, of course; the point is that shapes, dtypes, configs and code paths match the real model.
 
@@ -44,6 +45,8 @@ from diffusers import (
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from peft import LoraConfig
 from transformers import (
@@ -54,6 +57,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -77,6 +82,7 @@ __all__ = [
     "make_tiny_qwen_image_pipeline",
     "make_tiny_sd3_pipeline",
     "make_tiny_t5_tokenizer",
+    "make_tiny_z_image_pipeline",
     "tiny_lora_config",
 ]
 
@@ -400,6 +406,79 @@ def make_tiny_qwen_image_pipeline(
     )
     _finish([transformer, vae, text_encoder], torch_dtype)
     return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+"""Qwen3's chat layout (user turn, assistant header, the empty think block when thinking is off), for the tiny
+tokenizer of [`make_tiny_z_image_pipeline`]: ZImagePipeline formats every prompt with `apply_chat_template`."""
+
+
+def make_tiny_z_image_pipeline(
+    seed: int = 0, *, sample_size: int = 32, torch_dtype: torch.dtype = torch.float32
+) -> ZImagePipeline:
+    """Build a tiny, randomly initialised [`~diffusers.ZImagePipeline`] without touching the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration:
+
+    - Transformer: a [`~diffusers.ZImageTransformer2DModel`] with 1 main layer and 1 noise / context refiner layer
+      each, `dim=32`, 2 heads x 16 dims (rotary axes 4 + 6 + 6), patch size 2, 4 latent channels,
+      `cap_feat_dim=32` (= the text encoder's hidden size).
+    - VAE: 2 blocks `(8, 16)`, 4 latent channels, scale factor 2, the FLUX VAE's `scaling_factor=0.3611` and
+      `shift_factor=0.1159` (Z-Image's). Images must be multiples of 4 pixels (VAE factor x 2x2 patches).
+    - Text: a 2-layer [`~transformers.Qwen3Model`] (hidden size 32; Z-Image reads the second-to-last hidden states)
+      with the byte-level tokenizer of [`make_tiny_qwen2_tokenizer`] and [`QWEN3_CHAT_TEMPLATE`].
+    - Scheduler: Z-Image-Turbo's `FlowMatchEulerDiscreteScheduler` (`shift=3.0`, no dynamic shifting).
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; a multiple of 4.
+        torch_dtype: dtype of all model weights.
+
+    Returns:
+        The pipeline, on CPU.
+    """
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)
+    latent_channels, text_width = 4, 32
+    tokenizer = make_tiny_qwen2_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=latent_channels,
+            dim=32,
+            n_layers=1,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            cap_feat_dim=text_width,
+            axes_dims=[4, 6, 6],
+            axes_lens=[1024, 64, 64],
+        )
+        vae = _tiny_vae(sample_size, latent_channels, scaling_factor=0.3611, shift_factor=0.1159)
+        text_encoder = Qwen3Model(
+            Qwen3Config(
+                vocab_size=len(tokenizer),
+                hidden_size=text_width,
+                intermediate_size=2 * text_width,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+                max_position_embeddings=4096,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    _finish([transformer, vae, text_encoder], torch_dtype)
+    return ZImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )
 

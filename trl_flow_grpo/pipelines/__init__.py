@@ -6,8 +6,9 @@ from .base import Conditioning, PipelineAdapter, select
 from .flux import FluxAdapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
+from .z_image import ZImageAdapter
 
-ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter, FluxAdapter, QwenImageAdapter]
+ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter, FluxAdapter, QwenImageAdapter, ZImageAdapter]
 """Every supported family. A new family is one new module and one entry here."""
 
 
@@ -27,6 +28,7 @@ __all__ = [
     "PipelineAdapter",
     "QwenImageAdapter",
     "SD3Adapter",
+    "ZImageAdapter",
     "get_adapter",
     "select",
 ]

@@ -1,4 +1,5 @@
-"""Families whose transformer takes latents packed into 2x2 patches: FLUX.1 and Qwen-Image."""
+"""Families whose latents are 2x2 patches of tokens: FLUX.1 and Qwen-Image (packed here), Z-Image (patchified by its
+transformer; it shares the sizes and the grid)."""
 
 import numpy as np
 import torch
