@@ -16,7 +16,8 @@ downloading anything from the Hugging Face Hub. Every component is built in code
 [`make_tiny_flux_pipeline`] builds a [`~diffusers.FluxPipeline`] the same way (a 1 + 1-layer
 [`~diffusers.FluxTransformer2DModel`], optionally with FLUX.1-dev's guidance embedding; a CLIP text encoder and a T5
 encoder; FLUX's dynamic-shift scheduler), [`make_tiny_qwen_image_pipeline`] a [`~diffusers.QwenImagePipeline`] and
-[`make_tiny_z_image_pipeline`] a [`~diffusers.ZImagePipeline`] (a tiny Qwen3 text encoder with a chat template).
+[`make_tiny_z_image_pipeline`] a [`~diffusers.ZImagePipeline`] (a tiny Qwen3 text encoder with a chat template),
+[`make_tiny_flux2_klein_pipeline`] a [`~diffusers.Flux2KleinPipeline`].
 
 The images are noise, of course; the point is that shapes, dtypes, configs and code paths match the real model.
 
@@ -37,8 +38,11 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImagePipeline,
@@ -58,6 +62,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen3Config,
+    Qwen3ForCausalLM,
     Qwen3Model,
     T5Config,
     T5EncoderModel,
@@ -77,6 +82,7 @@ __all__ = [
     "TINY_SD3_LORA_TARGET_MODULES",
     "TINY_WORDS",
     "make_tiny_clip_tokenizer",
+    "make_tiny_flux2_klein_pipeline",
     "make_tiny_flux_pipeline",
     "make_tiny_qwen2_tokenizer",
     "make_tiny_qwen_image_pipeline",
@@ -463,23 +469,94 @@ def make_tiny_z_image_pipeline(
             axes_lens=[1024, 64, 64],
         )
         vae = _tiny_vae(sample_size, latent_channels, scaling_factor=0.3611, shift_factor=0.1159)
-        text_encoder = Qwen3Model(
-            Qwen3Config(
-                vocab_size=len(tokenizer),
-                hidden_size=text_width,
-                intermediate_size=2 * text_width,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                head_dim=16,
-                max_position_embeddings=4096,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = Qwen3Model(_tiny_qwen3_config(tokenizer, text_width, num_hidden_layers=2))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     _finish([transformer, vae, text_encoder], torch_dtype)
     return ZImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+def _tiny_qwen3_config(tokenizer: Qwen2Tokenizer, hidden_size: int, num_hidden_layers: int) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_tiny_flux2_klein_pipeline(
+    seed: int = 0, *, sample_size: int = 32, is_distilled: bool = False, torch_dtype: torch.dtype = torch.float32
+) -> Flux2KleinPipeline:
+    """Build a tiny, randomly initialised [`~diffusers.Flux2KleinPipeline`] without touching the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration:
+
+    - Transformer: a [`~diffusers.Flux2Transformer2DModel`] with 1 double-stream and 1 single-stream block, 2 heads x
+      16 dims (rotary axes 4 x 4), 4 VAE channels patchified 2x2 (`in_channels=16`), `joint_attention_dim=96` (three
+      stacked text layers of width 32), no guidance embedding (klein's layout).
+    - VAE: an [`~diffusers.AutoencoderKLFlux2`] with 2 blocks `(8, 16)`, 4 latent channels, scale factor 2, and
+      batch-norm statistics drawn at random (not the identity), so that decoding checks them. Images must be
+      multiples of 4 pixels.
+    - Text: a 28-layer [`~transformers.Qwen3ForCausalLM`] (hidden size 32; the pipeline reads hidden states 9, 18
+      and 27) with the byte-level tokenizer of [`make_tiny_qwen2_tokenizer`] and [`QWEN3_CHAT_TEMPLATE`].
+    - Scheduler: FLUX.2's `FlowMatchEulerDiscreteScheduler` (dynamic shifting, `shift=3.0`); the pipeline computes
+      `mu` itself.
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; a multiple of 4.
+        is_distilled: The pipeline's `is_distilled` flag: the step-distilled klein models ignore `guidance_scale`.
+        torch_dtype: dtype of all model weights.
+
+    Returns:
+        The pipeline, on CPU.
+    """
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)
+    latent_channels, text_width = 4, 32
+    tokenizer = make_tiny_qwen2_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=3 * text_width,
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=False,
+        )
+        vae = AutoencoderKLFlux2(
+            block_out_channels=_VAE_BLOCK_OUT_CHANNELS,
+            down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+            up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=4,
+            sample_size=sample_size,
+        )
+        vae.bn.running_mean.copy_(0.1 * torch.randn(4 * latent_channels))
+        vae.bn.running_var.copy_(0.5 + torch.rand(4 * latent_channels))
+        text_encoder = Qwen3ForCausalLM(_tiny_qwen3_config(tokenizer, text_width, num_hidden_layers=28))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    _finish([transformer, vae, text_encoder], torch_dtype)
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=is_distilled,
     )
 
 

@@ -4,11 +4,19 @@ from typing import Any
 
 from .base import Conditioning, PipelineAdapter, select
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .z_image import ZImageAdapter
 
-ADAPTERS: list[type[PipelineAdapter]] = [SD3Adapter, FluxAdapter, QwenImageAdapter, ZImageAdapter]
+ADAPTERS: list[type[PipelineAdapter]] = [
+    SD3Adapter,
+    FluxAdapter,
+    Flux2Adapter,
+    Flux2KleinAdapter,
+    QwenImageAdapter,
+    ZImageAdapter,
+]
 """Every supported family. A new family is one new module and one entry here."""
 
 
@@ -24,6 +32,8 @@ def get_adapter(pipeline: Any) -> PipelineAdapter:
 __all__ = [
     "ADAPTERS",
     "Conditioning",
+    "Flux2Adapter",
+    "Flux2KleinAdapter",
     "FluxAdapter",
     "PipelineAdapter",
     "QwenImageAdapter",
