@@ -17,7 +17,8 @@ downloading anything from the Hugging Face Hub. Every component is built in code
 [`~diffusers.FluxTransformer2DModel`], optionally with FLUX.1-dev's guidance embedding; a CLIP text encoder and a T5
 encoder; FLUX's dynamic-shift scheduler), [`make_tiny_qwen_image_pipeline`] a [`~diffusers.QwenImagePipeline`] and
 [`make_tiny_z_image_pipeline`] a [`~diffusers.ZImagePipeline`] (a tiny Qwen3 text encoder with a chat template),
-[`make_tiny_flux2_klein_pipeline`] a [`~diffusers.Flux2KleinPipeline`].
+[`make_tiny_flux2_klein_pipeline`] a [`~diffusers.Flux2KleinPipeline`] and [`make_tiny_flux2_pipeline`] a
+[`~diffusers.Flux2Pipeline`] (FLUX.2-dev's layout with a tiny Mistral 3 text encoder).
 
 The images are noise, of course; the point is that shapes, dtypes, configs and code paths match the real model.
 
@@ -42,6 +43,7 @@ from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
+    Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -58,6 +60,8 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -83,6 +87,7 @@ __all__ = [
     "TINY_WORDS",
     "make_tiny_clip_tokenizer",
     "make_tiny_flux2_klein_pipeline",
+    "make_tiny_flux2_pipeline",
     "make_tiny_flux_pipeline",
     "make_tiny_qwen2_tokenizer",
     "make_tiny_qwen_image_pipeline",
@@ -491,6 +496,35 @@ def _tiny_qwen3_config(tokenizer: Qwen2Tokenizer, hidden_size: int, num_hidden_l
     )
 
 
+def _tiny_flux2_models(sample_size: int, text_width: int, guidance_embeds: bool):
+    """FLUX.2's transformer (1 + 1 blocks) and batch-normed VAE, tiny; call inside a seeded RNG."""
+    latent_channels = 4
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_width,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=_VAE_BLOCK_OUT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=sample_size,
+    )
+    vae.bn.running_mean.copy_(0.1 * torch.randn(4 * latent_channels))
+    vae.bn.running_var.copy_(0.5 + torch.rand(4 * latent_channels))
+    return transformer, vae
+
+
 def make_tiny_flux2_klein_pipeline(
     seed: int = 0, *, sample_size: int = 32, is_distilled: bool = False, torch_dtype: torch.dtype = torch.float32
 ) -> Flux2KleinPipeline:
@@ -519,34 +553,12 @@ def make_tiny_flux2_klein_pipeline(
         The pipeline, on CPU.
     """
     _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)
-    latent_channels, text_width = 4, 32
+    text_width = 32
     tokenizer = make_tiny_qwen2_tokenizer()
     tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = Flux2Transformer2DModel(
-            patch_size=1,
-            in_channels=4 * latent_channels,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=3 * text_width,
-            timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4),
-            guidance_embeds=False,
-        )
-        vae = AutoencoderKLFlux2(
-            block_out_channels=_VAE_BLOCK_OUT_CHANNELS,
-            down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
-            up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=4,
-            sample_size=sample_size,
-        )
-        vae.bn.running_mean.copy_(0.1 * torch.randn(4 * latent_channels))
-        vae.bn.running_var.copy_(0.5 + torch.rand(4 * latent_channels))
+        transformer, vae = _tiny_flux2_models(sample_size, text_width, guidance_embeds=False)
         text_encoder = Qwen3ForCausalLM(_tiny_qwen3_config(tokenizer, text_width, num_hidden_layers=28))
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
     _finish([transformer, vae, text_encoder], torch_dtype)
@@ -557,6 +569,78 @@ def make_tiny_flux2_klein_pipeline(
         tokenizer=tokenizer,
         transformer=transformer,
         is_distilled=is_distilled,
+    )
+
+
+MISTRAL3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{% elif message['role'] == 'user' %}[INST]{% endif %}"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}"
+    "{% if message['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif message['role'] == 'user' %}[/INST]{% endif %}"
+    "{% endfor %}"
+)
+"""Mistral Small 3.1's layout of a system + user conversation whose contents are lists of text parts, for the tiny
+tokenizer of [`make_tiny_flux2_pipeline`] (Flux2Pipeline formats every prompt with FLUX.2's system message)."""
+
+
+def make_tiny_flux2_pipeline(
+    seed: int = 0, *, sample_size: int = 32, torch_dtype: torch.dtype = torch.float32
+) -> Flux2Pipeline:
+    """Build a tiny, randomly initialised [`~diffusers.Flux2Pipeline`] (FLUX.2-dev's layout) without the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. The transformer and VAE are those of
+    [`make_tiny_flux2_klein_pipeline`], with FLUX.2-dev's guidance embedding. Text: a
+    [`~transformers.Mistral3ForConditionalGeneration`] with a 31-layer Mistral text model (hidden size 32; the pipeline
+    reads hidden states 10, 20 and 30) and a 1-layer Pixtral vision tower, and the byte-level tokenizer of
+    [`make_tiny_qwen2_tokenizer`] with [`MISTRAL3_CHAT_TEMPLATE`] in place of the Pixtral processor (the pipeline
+    only tokenizes text). The byte-level tokenizer spends about 200 tokens on FLUX.2's system message: use
+    `max_sequence_length` of 256 or more so that prompts differ.
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; a multiple of 4.
+        torch_dtype: dtype of all model weights.
+
+    Returns:
+        The pipeline, on CPU.
+    """
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)
+    text_width = 32
+    tokenizer = make_tiny_qwen2_tokenizer()
+    tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_width,
+            "intermediate_size": 2 * text_width,
+            "num_hidden_layers": 31,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 4096,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "head_dim": 8,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, vae = _tiny_flux2_models(sample_size, text_width, guidance_embeds=True)
+        text_encoder = Mistral3ForConditionalGeneration(config)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    _finish([transformer, vae, text_encoder], torch_dtype)
+    return Flux2Pipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )
 
 

@@ -148,7 +148,7 @@ class Flux2Adapter(Flux2AdapterBase):
     def encode_prompts(
         self, prompts: list[str], device: torch.device, with_negative: bool, max_sequence_length: int
     ) -> Conditioning:
-        # No negative prompt: FLUX.2-dev's guidance is embedded (see the class docstring), so `with_negative` is unused.
+        # No negative prompt: FLUX.2-dev's guidance is embedded (class docstring), so `with_negative` is unused.
         return {"prompt_embeds": self._encode(prompts, device, max_sequence_length)}
 
     def velocity(
