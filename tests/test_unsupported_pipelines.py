@@ -74,11 +74,3 @@ def test_the_docs_show_the_error_and_the_real_smallest_adapter():
         get_adapter(MyFlowPipeline(FlowMatchEulerDiscreteScheduler()))
     shown = page.split("```text\nValueError: ")[1].split("\n```")[0]
     assert " ".join(shown.split()) == str(error.value)  # the error as it is raised today
-
-
-def test_qwen_image_2_1_is_not_mistaken_for_qwen_image():
-    # QwenImage21Pipeline is its own family (a Qwen3-VL encoder, a 16x VAE, unpatched 64-channel latents, an image
-    # mask): the Qwen-Image adapter must not pick it up, so it gets the error above instead of wrong samples.
-    from diffusers import QwenImage21Pipeline
-
-    assert not any(issubclass(QwenImage21Pipeline, adapter.pipeline_class) for adapter in ADAPTERS)

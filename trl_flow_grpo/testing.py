@@ -18,7 +18,8 @@ downloading anything from the Hugging Face Hub. Every component is built in code
 encoder; FLUX's dynamic-shift scheduler), [`make_tiny_qwen_image_pipeline`] a [`~diffusers.QwenImagePipeline`] and
 [`make_tiny_z_image_pipeline`] a [`~diffusers.ZImagePipeline`] (a tiny Qwen3 text encoder with a chat template),
 [`make_tiny_flux2_klein_pipeline`] a [`~diffusers.Flux2KleinPipeline`] and [`make_tiny_flux2_pipeline`] a
-[`~diffusers.Flux2Pipeline`] (FLUX.2-dev's layout with a tiny Mistral 3 text encoder).
+[`~diffusers.Flux2Pipeline`] (FLUX.2-dev's layout with a tiny Mistral 3 text encoder), and
+[`make_tiny_qwen_image_21_pipeline`] a [`~diffusers.QwenImage21Pipeline`].
 
 The images are noise, of course; the point is that shapes, dtypes, configs and code paths match the real model.
 
@@ -41,12 +42,15 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    AutoencoderKLQwenImage21,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImage21Pipeline,
+    QwenImage21Transformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -68,6 +72,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3Model,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -89,7 +95,9 @@ __all__ = [
     "make_tiny_flux2_klein_pipeline",
     "make_tiny_flux2_pipeline",
     "make_tiny_flux_pipeline",
+    "TinyQwen3VLTextProcessor",
     "make_tiny_qwen2_tokenizer",
+    "make_tiny_qwen_image_21_pipeline",
     "make_tiny_qwen_image_pipeline",
     "make_tiny_sd3_pipeline",
     "make_tiny_t5_tokenizer",
@@ -641,6 +649,109 @@ def make_tiny_flux2_pipeline(
     _finish([transformer, vae, text_encoder], torch_dtype)
     return Flux2Pipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+class TinyQwen3VLTextProcessor:
+    """A text-only stand-in for [`~transformers.Qwen3VLProcessor`], for [`make_tiny_qwen_image_21_pipeline`].
+
+    The real processor cannot be built without torchvision (its video processor needs it), and a text-to-image
+    pipeline only tokenizes text. This one does what `QwenImage21Pipeline` asks of the processor: `tokenizer`,
+    `apply_chat_template` of text-only turns (Qwen's `<|im_start|>role\n...<|im_end|>\n` layout) and a call on text
+    with padding, returning `mm_token_type_ids` (all text) as the real processor does.
+    """
+
+    def __init__(self, tokenizer: Qwen2Tokenizer):
+        self.tokenizer = tokenizer
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = True, return_dict: bool = False):
+        text = "".join(
+            f"<|im_start|>{m['role']}\n" + "".join(part["text"] for part in m["content"]) + "<|im_end|>\n"
+            for m in messages
+        )
+        return [self.tokenizer.encode(text)] if tokenize else text
+
+    def __call__(self, text: list[str], **kwargs):
+        inputs = self.tokenizer(text, **kwargs)
+        inputs["mm_token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        return inputs
+
+
+def make_tiny_qwen_image_21_pipeline(
+    seed: int = 0, *, torch_dtype: torch.dtype = torch.float32
+) -> QwenImage21Pipeline:
+    """Build a tiny, randomly initialised [`~diffusers.QwenImage21Pipeline`] without touching the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration: a 1-layer
+    [`~diffusers.QwenImage21Transformer2DModel`] (2 heads x 16 dims, rotary axes 4 + 6 + 6, 4 unpatched latent
+    channels, `context_in_dim=32`, block-causal conditioning); a 5-stage [`~diffusers.AutoencoderKLQwenImage21`]
+    (16x, as the pipeline assumes; 4 latent channels with their own `latents_mean` / `latents_std`); a 2-layer
+    Qwen3-VL text encoder (hidden size 32, a 1-layer vision tower) with the byte-level tokenizer of
+    [`make_tiny_qwen2_tokenizer`] behind [`TinyQwen3VLTextProcessor`]; a dynamic-shift scheduler. Images must be
+    multiples of 32 pixels (64 gives 4 x 4 latents).
+    """
+    latent_channels, text_width = 4, 32
+    tokenizer = make_tiny_qwen2_tokenizer()
+    token_id = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_width,
+            "intermediate_size": 2 * text_width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 4096,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 2, 4], "mrope_interleaved": True},
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": text_width,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0],
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+        },
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = QwenImage21Transformer2DModel(
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            context_in_dim=text_width,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = AutoencoderKLQwenImage21(
+            base_dim=4,
+            decoder_base_dim=4,
+            z_dim=latent_channels,
+            dim_mult=[1, 1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, False, False, False],
+            latents_mean=[0.1, -0.2, 0.3, -0.4],
+            latents_std=[1.5, 2.0, 0.8, 1.2],
+        )
+        text_encoder = Qwen3VLForConditionalGeneration(config)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True)
+    _finish([transformer, vae, text_encoder], torch_dtype)
+    return QwenImage21Pipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        processor=TinyQwen3VLTextProcessor(tokenizer),
+        transformer=transformer,
     )
 
 

@@ -8,6 +8,7 @@ from .base import Conditioning, PipelineAdapter, select
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .qwen_image import QwenImageAdapter
+from .qwen_image_21 import QwenImage21Adapter
 from .sd3 import SD3Adapter
 from .z_image import ZImageAdapter
 
@@ -17,6 +18,7 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     Flux2Adapter,
     Flux2KleinAdapter,
     QwenImageAdapter,
+    QwenImage21Adapter,
     ZImageAdapter,
 ]
 """Every supported family. A new family is one new module and one entry here."""
@@ -62,6 +64,7 @@ __all__ = [
     "Flux2KleinAdapter",
     "FluxAdapter",
     "PipelineAdapter",
+    "QwenImage21Adapter",
     "QwenImageAdapter",
     "SD3Adapter",
     "ZImageAdapter",
