@@ -1,5 +1,5 @@
-"""Families whose latents are 2x2 patches of tokens: FLUX.1 and Qwen-Image (packed here), Z-Image (patchified by its
-transformer; it shares the sizes and the grid)."""
+"""Families whose sizes are multiples of twice the VAE factor: FLUX.1 and Qwen-Image (latents packed 2x2 here, and
+the shifted grid); Z-Image, FLUX.2 and Qwen-Image 2.1 build on it for the sizes and override what differs."""
 
 import numpy as np
 import torch
