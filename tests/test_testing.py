@@ -222,3 +222,36 @@ def test_lora_adapter_adds_trainable_params():
     torch.testing.assert_close(output.detach(), before)
     output.square().mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
+
+
+NEW_FAMILY_BUILDERS = {
+    "z_image": "make_tiny_z_image_pipeline",
+    "flux2_klein": "make_tiny_flux2_klein_pipeline",
+    "flux2_dev": "make_tiny_flux2_pipeline",
+    "qwen_image_21": "make_tiny_qwen_image_21_pipeline",
+}
+
+
+def _modules(pipe):
+    return {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+
+
+@pytest.mark.parametrize("builder", NEW_FAMILY_BUILDERS.values(), ids=NEW_FAMILY_BUILDERS.keys())
+def test_family_builders_are_offline_seeded_and_leave_the_global_rng_alone(no_network, builder):
+    import trl_flow_grpo.testing as testing
+
+    make = getattr(testing, builder)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first, second, other = make(seed=3), make(seed=3), make(seed=4)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+    for name, module in _modules(first).items():
+        assert not module.training, name
+        twin, different = _modules(second)[name].state_dict(), _modules(other)[name].state_dict()
+        state = module.state_dict()
+        assert all(torch.equal(value, twin[key]) for key, value in state.items()), name
+        assert any(not torch.equal(value, different[key]) for key, value in state.items()), name
+    bf16 = make(seed=3, torch_dtype=torch.bfloat16)
+    for name, module in _modules(bf16).items():
+        assert all(p.dtype == torch.bfloat16 for p in module.parameters()), name

@@ -15,7 +15,11 @@ downloading anything from the Hugging Face Hub. Every component is built in code
 
 [`make_tiny_flux_pipeline`] builds a [`~diffusers.FluxPipeline`] the same way (a 1 + 1-layer
 [`~diffusers.FluxTransformer2DModel`], optionally with FLUX.1-dev's guidance embedding; a CLIP text encoder and a T5
-encoder; FLUX's dynamic-shift scheduler).
+encoder; FLUX's dynamic-shift scheduler), [`make_tiny_qwen_image_pipeline`] a [`~diffusers.QwenImagePipeline`] and
+[`make_tiny_z_image_pipeline`] a [`~diffusers.ZImagePipeline`] (a tiny Qwen3 text encoder with a chat template),
+[`make_tiny_flux2_klein_pipeline`] a [`~diffusers.Flux2KleinPipeline`] and [`make_tiny_flux2_pipeline`] a
+[`~diffusers.Flux2Pipeline`] (FLUX.2-dev's layout with a tiny Mistral 3 text encoder), and
+[`make_tiny_qwen_image_21_pipeline`] a [`~diffusers.QwenImage21Pipeline`].
 
 The images are noise, of course; the point is that shapes, dtypes, configs and code paths match the real model.
 
@@ -36,14 +40,23 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    AutoencoderKLQwenImage21,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImage21Pipeline,
+    QwenImage21Transformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from peft import LoraConfig
 from transformers import (
@@ -51,9 +64,16 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -72,11 +92,16 @@ __all__ = [
     "TINY_SD3_LORA_TARGET_MODULES",
     "TINY_WORDS",
     "make_tiny_clip_tokenizer",
+    "make_tiny_flux2_klein_pipeline",
+    "make_tiny_flux2_pipeline",
     "make_tiny_flux_pipeline",
+    "TinyQwen3VLTextProcessor",
     "make_tiny_qwen2_tokenizer",
+    "make_tiny_qwen_image_21_pipeline",
     "make_tiny_qwen_image_pipeline",
     "make_tiny_sd3_pipeline",
     "make_tiny_t5_tokenizer",
+    "make_tiny_z_image_pipeline",
     "tiny_lora_config",
 ]
 
@@ -401,6 +426,332 @@ def make_tiny_qwen_image_pipeline(
     _finish([transformer, vae, text_encoder], torch_dtype)
     return QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+"""Qwen3's chat layout (user turn, assistant header, the empty think block when thinking is off), for the tiny
+tokenizer of [`make_tiny_z_image_pipeline`]: ZImagePipeline formats every prompt with `apply_chat_template`."""
+
+
+def make_tiny_z_image_pipeline(
+    seed: int = 0, *, sample_size: int = 32, torch_dtype: torch.dtype = torch.float32
+) -> ZImagePipeline:
+    """Build a tiny, randomly initialised [`~diffusers.ZImagePipeline`] without touching the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration:
+
+    - Transformer: a [`~diffusers.ZImageTransformer2DModel`] with 1 main layer and 1 noise / context refiner layer
+      each, `dim=32`, 2 heads x 16 dims (rotary axes 4 + 6 + 6), patch size 2, 4 latent channels,
+      `cap_feat_dim=32` (= the text encoder's hidden size).
+    - VAE: 2 blocks `(8, 16)`, 4 latent channels, scale factor 2, the FLUX VAE's `scaling_factor=0.3611` and
+      `shift_factor=0.1159` (Z-Image's). Images must be multiples of 4 pixels (VAE factor x 2x2 patches).
+    - Text: a 2-layer [`~transformers.Qwen3Model`] (hidden size 32; Z-Image reads the second-to-last hidden states)
+      with the byte-level tokenizer of [`make_tiny_qwen2_tokenizer`] and [`QWEN3_CHAT_TEMPLATE`].
+    - Scheduler: Z-Image-Turbo's `FlowMatchEulerDiscreteScheduler` (`shift=3.0`, no dynamic shifting).
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; a multiple of 4.
+        torch_dtype: dtype of all model weights.
+
+    Returns:
+        The pipeline, on CPU.
+    """
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)
+    latent_channels, text_width = 4, 32
+    tokenizer = make_tiny_qwen2_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=latent_channels,
+            dim=32,
+            n_layers=1,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            cap_feat_dim=text_width,
+            axes_dims=[4, 6, 6],
+            axes_lens=[1024, 64, 64],
+        )
+        vae = _tiny_vae(sample_size, latent_channels, scaling_factor=0.3611, shift_factor=0.1159)
+        text_encoder = Qwen3Model(_tiny_qwen3_config(tokenizer, text_width, num_hidden_layers=2))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    _finish([transformer, vae, text_encoder], torch_dtype)
+    return ZImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+def _tiny_qwen3_config(tokenizer: Qwen2Tokenizer, hidden_size: int, num_hidden_layers: int) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _tiny_flux2_models(sample_size: int, text_width: int, guidance_embeds: bool):
+    """FLUX.2's transformer (1 + 1 blocks) and batch-normed VAE, tiny; call inside a seeded RNG."""
+    latent_channels = 4
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * text_width,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=_VAE_BLOCK_OUT_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(_VAE_BLOCK_OUT_CHANNELS),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=sample_size,
+    )
+    vae.bn.running_mean.copy_(0.1 * torch.randn(4 * latent_channels))
+    vae.bn.running_var.copy_(0.5 + torch.rand(4 * latent_channels))
+    return transformer, vae
+
+
+def make_tiny_flux2_klein_pipeline(
+    seed: int = 0, *, sample_size: int = 32, is_distilled: bool = False, torch_dtype: torch.dtype = torch.float32
+) -> Flux2KleinPipeline:
+    """Build a tiny, randomly initialised [`~diffusers.Flux2KleinPipeline`] without touching the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration:
+
+    - Transformer: a [`~diffusers.Flux2Transformer2DModel`] with 1 double-stream and 1 single-stream block, 2 heads x
+      16 dims (rotary axes 4 x 4), 4 VAE channels patchified 2x2 (`in_channels=16`), `joint_attention_dim=96` (three
+      stacked text layers of width 32), no guidance embedding (klein's layout).
+    - VAE: an [`~diffusers.AutoencoderKLFlux2`] with 2 blocks `(8, 16)`, 4 latent channels, scale factor 2, and
+      batch-norm statistics drawn at random (not the identity), so that decoding checks them. Images must be
+      multiples of 4 pixels.
+    - Text: a 28-layer [`~transformers.Qwen3ForCausalLM`] (hidden size 32; the pipeline reads hidden states 9, 18
+      and 27) with the byte-level tokenizer of [`make_tiny_qwen2_tokenizer`] and [`QWEN3_CHAT_TEMPLATE`].
+    - Scheduler: FLUX.2's `FlowMatchEulerDiscreteScheduler` (dynamic shifting, `shift=3.0`); the pipeline computes
+      `mu` itself.
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; a multiple of 4.
+        is_distilled: The pipeline's `is_distilled` flag: the step-distilled klein models ignore `guidance_scale`.
+        torch_dtype: dtype of all model weights.
+
+    Returns:
+        The pipeline, on CPU.
+    """
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)
+    text_width = 32
+    tokenizer = make_tiny_qwen2_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, vae = _tiny_flux2_models(sample_size, text_width, guidance_embeds=False)
+        text_encoder = Qwen3ForCausalLM(_tiny_qwen3_config(tokenizer, text_width, num_hidden_layers=28))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    _finish([transformer, vae, text_encoder], torch_dtype)
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
+
+
+MISTRAL3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{% elif message['role'] == 'user' %}[INST]{% endif %}"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}"
+    "{% if message['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif message['role'] == 'user' %}[/INST]{% endif %}"
+    "{% endfor %}"
+)
+"""Mistral Small 3.1's layout of a system + user conversation whose contents are lists of text parts, for the tiny
+tokenizer of [`make_tiny_flux2_pipeline`] (Flux2Pipeline formats every prompt with FLUX.2's system message)."""
+
+
+def make_tiny_flux2_pipeline(
+    seed: int = 0, *, sample_size: int = 32, torch_dtype: torch.dtype = torch.float32
+) -> Flux2Pipeline:
+    """Build a tiny, randomly initialised [`~diffusers.Flux2Pipeline`] (FLUX.2-dev's layout) without the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. The transformer and VAE are those of
+    [`make_tiny_flux2_klein_pipeline`], with FLUX.2-dev's guidance embedding. Text: a
+    [`~transformers.Mistral3ForConditionalGeneration`] with a 31-layer Mistral text model (hidden size 32; the pipeline
+    reads hidden states 10, 20 and 30) and a 1-layer Pixtral vision tower, and the byte-level tokenizer of
+    [`make_tiny_qwen2_tokenizer`] with [`MISTRAL3_CHAT_TEMPLATE`] in place of the Pixtral processor (the pipeline
+    only tokenizes text). The byte-level tokenizer spends about 200 tokens on FLUX.2's system message: use
+    `max_sequence_length` of 256 or more so that prompts differ.
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; a multiple of 4.
+        torch_dtype: dtype of all model weights.
+
+    Returns:
+        The pipeline, on CPU.
+    """
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)
+    text_width = 32
+    tokenizer = make_tiny_qwen2_tokenizer()
+    tokenizer.chat_template = MISTRAL3_CHAT_TEMPLATE
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral",
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_width,
+            "intermediate_size": 2 * text_width,
+            "num_hidden_layers": 31,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 4096,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "head_dim": 8,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer, vae = _tiny_flux2_models(sample_size, text_width, guidance_embeds=True)
+        text_encoder = Mistral3ForConditionalGeneration(config)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    _finish([transformer, vae, text_encoder], torch_dtype)
+    return Flux2Pipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+class TinyQwen3VLTextProcessor:
+    """A text-only stand-in for [`~transformers.Qwen3VLProcessor`], for [`make_tiny_qwen_image_21_pipeline`].
+
+    The real processor cannot be built without torchvision (its video processor needs it), and a text-to-image
+    pipeline only tokenizes text. This one does what `QwenImage21Pipeline` asks of the processor: `tokenizer`,
+    `apply_chat_template` of text-only turns (Qwen's `<|im_start|>role\n...<|im_end|>\n` layout) and a call on text
+    with padding, returning `mm_token_type_ids` (all text) as the real processor does.
+    """
+
+    def __init__(self, tokenizer: Qwen2Tokenizer):
+        self.tokenizer = tokenizer
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = True, return_dict: bool = False):
+        text = "".join(
+            f"<|im_start|>{m['role']}\n" + "".join(part["text"] for part in m["content"]) + "<|im_end|>\n"
+            for m in messages
+        )
+        return [self.tokenizer.encode(text)] if tokenize else text
+
+    def __call__(self, text: list[str], **kwargs):
+        inputs = self.tokenizer(text, **kwargs)
+        inputs["mm_token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        return inputs
+
+
+def make_tiny_qwen_image_21_pipeline(
+    seed: int = 0, *, torch_dtype: torch.dtype = torch.float32
+) -> QwenImage21Pipeline:
+    """Build a tiny, randomly initialised [`~diffusers.QwenImage21Pipeline`] without touching the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration: a 1-layer
+    [`~diffusers.QwenImage21Transformer2DModel`] (2 heads x 16 dims, rotary axes 4 + 6 + 6, 4 unpatched latent
+    channels, `context_in_dim=32`, block-causal conditioning); a 5-stage [`~diffusers.AutoencoderKLQwenImage21`]
+    (16x, as the pipeline assumes; 4 latent channels with their own `latents_mean` / `latents_std`); a 2-layer
+    Qwen3-VL text encoder (hidden size 32, a 1-layer vision tower) with the byte-level tokenizer of
+    [`make_tiny_qwen2_tokenizer`] behind [`TinyQwen3VLTextProcessor`]; a dynamic-shift scheduler. Images must be
+    multiples of 32 pixels (64 gives 4 x 4 latents).
+    """
+    latent_channels, text_width = 4, 32
+    tokenizer = make_tiny_qwen2_tokenizer()
+    token_id = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_width,
+            "intermediate_size": 2 * text_width,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 4096,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 2, 4], "mrope_interleaved": True},
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": text_width,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0],
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+        },
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = QwenImage21Transformer2DModel(
+            in_channels=latent_channels,
+            out_channels=latent_channels,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            context_in_dim=text_width,
+            axes_dims_rope=(4, 6, 6),
+        )
+        vae = AutoencoderKLQwenImage21(
+            base_dim=4,
+            decoder_base_dim=4,
+            z_dim=latent_channels,
+            dim_mult=[1, 1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, False, False, False],
+            latents_mean=[0.1, -0.2, 0.3, -0.4],
+            latents_std=[1.5, 2.0, 0.8, 1.2],
+        )
+        text_encoder = Qwen3VLForConditionalGeneration(config)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True)
+    _finish([transformer, vae, text_encoder], torch_dtype)
+    return QwenImage21Pipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        processor=TinyQwen3VLTextProcessor(tokenizer),
+        transformer=transformer,
     )
 
 

@@ -1,4 +1,5 @@
-"""Families whose transformer takes latents packed into 2x2 patches: FLUX.1 and Qwen-Image."""
+"""Families whose sizes are multiples of twice the VAE factor: FLUX.1 and Qwen-Image (latents packed 2x2 here, and
+the shifted grid); Z-Image, FLUX.2 and Qwen-Image 2.1 build on it for the sizes and override what differs."""
 
 import numpy as np
 import torch
