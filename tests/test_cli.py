@@ -302,8 +302,10 @@ def test_train_help_groups_the_options_and_says_what_the_demo_changes(capsys, tm
     assert "--optim {adamw_torch" not in out.split("\n\n")[0]  # the usage line is short
     # The demo's values, read from its recipe, next to the options they change.
     demo = demo_defaults()
-    block = out[out.index("--learning_rate LEARNING_RATE") :][:400]
-    assert f"[demo: {demo['learning_rate']}]" in " ".join(block.split())
+    block = out[out.index("--max_steps MAX_STEPS") :][:400]
+    assert f"[demo: {demo['max_steps']}]" in " ".join(block.split())
+    block = out[out.index("--height HEIGHT") :][:400]
+    assert f"[demo: {demo['height']}]" in " ".join(block.split())
     block = out[out.index("--no_use_peft") :][:200]
     assert "full fine-tuning" in block and "Train a LoRA instead" not in block
 
