@@ -84,9 +84,24 @@ def test_trl_generation_fields_are_mutually_exclusive(tmp_path):
             tmp_path,
             num_generations=4,
             per_device_train_batch_size=4,
-            generation_batch_size=12,
+            generation_batch_size=8,
             steps_per_generation=3,
         )
+
+
+def test_a_saved_config_with_both_derived_generation_fields_reloads(tmp_path):
+    """training_args.json holds both fields (one derived from the other): the config it describes must rebuild."""
+    saved = make(tmp_path, num_generations=2, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert saved.generation_batch_size == 4 and saved.steps_per_generation == 2
+    reloaded = make(
+        tmp_path,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        generation_batch_size=saved.generation_batch_size,
+        steps_per_generation=saved.steps_per_generation,
+    )
+    assert (reloaded.generation_batch_size, reloaded.steps_per_generation) == (4, 2)
 
 
 def test_generation_batch_size_must_be_a_multiple_of_the_global_micro_batch(tmp_path):

@@ -634,11 +634,17 @@ class FlowGRPOConfig(TrainingArguments):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, or unset; got {value!r}.")
-        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+        both = self.generation_batch_size is not None and self.steps_per_generation is not None
+        if both and self.generation_batch_size == global_micro_batch * self.steps_per_generation:
+            # Both set and consistent: a saved config (training_args.json holds the derived value too) reloads.
+            return
+        if both:
             raise ValueError(
                 f"generation_batch_size ({self.generation_batch_size}) and steps_per_generation "
                 f"({self.steps_per_generation}) cannot both be set: each is derived from the other "
-                "(generation_batch_size = per_device_train_batch_size x processes x steps_per_generation). Set one."
+                "(generation_batch_size = per_device_train_batch_size x processes x steps_per_generation), and these "
+                f"disagree ({global_micro_batch} x {self.steps_per_generation} != {self.generation_batch_size}). "
+                "Set one."
             )
         if self.generation_batch_size is not None:
             if self.generation_batch_size % global_micro_batch != 0:
