@@ -179,6 +179,30 @@ def report(paths: list[str], plot_path: str | None = None) -> None:
                 )
             curve = ", ".join(f"{p['step']}: {p['accuracy']:.3f}" for p in run["curve"])
             print(f"  curve (step: accuracy, 2 images per caption): {curve}")
+    print(
+        "\n| change | seed | steps | images per caption | held-out accuracy after | change | counting change "
+        "| position change | curve (2 per caption) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        name = ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
+        for run in results["runs"]:
+            after, change = run["after"]["estimates"]["accuracy"], run["change"]
+            gain = change["accuracy"]
+            cells = [
+                name,
+                str(run["seed"]),
+                str(run["optimizer_steps"]),
+                str(run["after"]["settings"]["images_per_prompt"]),
+                f"{after['value']:.3f} [{after['low']:.3f}, {after['high']:.3f}]",
+                f"{gain['value']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]",
+                f"{change['accuracy/counting']['value']:+.3f}",
+                f"{change['accuracy/position']['value']:+.3f}",
+                " / ".join(f"{p['accuracy']:.3f}" for p in run["curve"][1:]),
+            ]
+            print("| " + " | ".join(cells) + " |")
     if plot_path:
         plot({"title": "Flow-GRPO on the shapes world (SHAPES_RECIPE)", "runs": all_runs}, plot_path)
         print(f"wrote {plot_path}")
