@@ -7,6 +7,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from .base import Conditioning, PipelineAdapter, select
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter, Flux2KleinAdapter
+from .flux_kontext import FluxKontextAdapter
 from .qwen_image import QwenImageAdapter
 from .qwen_image_21 import QwenImage21Adapter
 from .sd3 import SD3Adapter
@@ -15,6 +16,7 @@ from .z_image import ZImageAdapter
 ADAPTERS: list[type[PipelineAdapter]] = [
     SD3Adapter,
     FluxAdapter,
+    FluxKontextAdapter,
     Flux2Adapter,
     Flux2KleinAdapter,
     QwenImageAdapter,
@@ -63,6 +65,7 @@ __all__ = [
     "Flux2Adapter",
     "Flux2KleinAdapter",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "PipelineAdapter",
     "QwenImage21Adapter",
     "QwenImageAdapter",
