@@ -54,7 +54,8 @@ def unsupported_pipeline_message(pipeline: Any) -> str:
         f"{name} is a flow-matching pipeline, but no adapter supports it yet. Supported pipelines: {supported}. "
         f"To add it, subclass trl_flow_grpo.pipelines.PipelineAdapter with `pipeline_class = {name}`, "
         f"`default_guidance_scale` and the methods {required} (override `decode`, `forwards_per_sample`, "
-        "`pipeline_call_kwargs` and `save_lora_weights` if the defaults do not fit), and append it to "
+        "`pipeline_call_kwargs` and `save_lora_weights` if the defaults do not fit; an image-editing pipeline also "
+        "sets `edits_images = True` and implements `encode_source_images`), and append it to "
         "trl_flow_grpo.pipelines.ADAPTERS; see docs/adding_a_family.md."
     )
 
