@@ -151,3 +151,25 @@ def test_kontext_training_gives_rewards_the_source_images_and_the_lora_loads_in_
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     reference = pipeline_latents(make_tiny_flux_kontext_pipeline(seed=0), "add a circle", source_image(5), noise, 3.5)
     assert (theirs - reference).abs().max() > 1e-3  # the LoRA really changes the edits
+
+
+def test_kontext_preference_functions_get_the_source_of_each_pair(tmp_path):
+    dataset = edit_dataset()
+    by_prompt = {row["prompt"]: np.asarray(row["image"]) for row in dataset}
+    pairs = []
+
+    def prefers_closer_to_source(prompts, images_a, images_b, source_images, **kwargs):
+        pairs.extend(zip(prompts, source_images))
+
+        def distance(edit, source):
+            return np.abs(np.asarray(edit, dtype=np.float64) - np.asarray(source.resize(edit.size))).mean()
+
+        return [float(distance(a, s) < distance(b, s)) for a, b, s in zip(images_a, images_b, source_images)]
+
+    args = make_args(tmp_path, max_steps=1, learning_rate=1e-2)
+    trainer = FlowGRPOTrainer(
+        make_tiny_flux_kontext_pipeline(seed=0), args=args, train_dataset=dataset, peft_config=tiny_lora_config(),
+        preference_funcs=prefers_closer_to_source,
+    )  # fmt: skip
+    trainer.train()
+    assert pairs and all(np.array_equal(np.asarray(source), by_prompt[prompt]) for prompt, source in pairs)
