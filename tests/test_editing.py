@@ -173,3 +173,18 @@ def test_kontext_preference_functions_get_the_source_of_each_pair(tmp_path):
     )  # fmt: skip
     trainer.train()
     assert pairs and all(np.array_equal(np.asarray(source), by_prompt[prompt]) for prompt, source in pairs)
+
+
+def test_the_kontext_example_preservation_reward_ranks_unchanged_above_changed_edits():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "flux_kontext_edit.py"
+    spec = importlib.util.spec_from_file_location("flux_kontext_edit", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    source = source_image(0, size=2 * SIZE)
+    unchanged = source.resize((SIZE, SIZE))
+    inverted = Image.fromarray(255 - np.asarray(unchanged))
+    same, changed = example.source_preservation([unchanged, inverted], [source, source])
+    assert same > 0.95 and changed < same
