@@ -31,7 +31,7 @@ class PipelineAdapter(ABC):
     default_guidance_scale: ClassVar[float]
     """The guidance scale used when the configuration leaves `guidance_scale` unset."""
     edits_images: ClassVar[bool] = False
-    """Whether the pipeline edits a source image (FLUX.1-Kontext, Qwen-Image-Edit-Plus): each dataset row then
+    """Whether the pipeline edits a source image (FLUX.1-Kontext): each dataset row then
     carries its source image (`source_image_column`) and `encode_source_images` adds it to the conditioning."""
 
     def __init__(self, pipeline: Any):
@@ -111,7 +111,7 @@ class PipelineAdapter(ABC):
         merged into the text conditioning by `sample`. Only editing adapters (`edits_images`) implement it."""
         raise ValueError(
             f"{type(self.pipeline).__name__} generates from text only, so it cannot be conditioned on source images; "
-            "use an image-editing pipeline (FluxKontextPipeline, QwenImageEditPlusPipeline) to train on edits."
+            "use an image-editing pipeline (FluxKontextPipeline) to train on edits."
         )
 
     def pipeline_call_kwargs(self, guidance_scale: float) -> dict:
