@@ -3,11 +3,29 @@
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Sampler
 
 from .validation import check_dataset
 
-__all__ = ["GroupSampler", "RowIndexed", "check_prompt_dataset", "check_train_dataset"]
+__all__ = [
+    "SOURCE_IMAGES_KEYWORD",
+    "GroupSampler",
+    "RowIndexed",
+    "SourceImageRows",
+    "check_prompt_dataset",
+    "check_train_dataset",
+]
+
+SOURCE_IMAGES_KEYWORD = "source_images"
+"""The keyword under which reward and preference functions receive the source images of an image-editing run."""
+
+
+def _column_names(dataset: Any) -> list[str]:
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        columns = list(dataset[0].keys()) if len(dataset) else []
+    return list(columns)
 
 
 def check_prompt_dataset(dataset: Any, name: str) -> None:
@@ -15,9 +33,7 @@ def check_prompt_dataset(dataset: Any, name: str) -> None:
     if dataset is None:
         return
     check_dataset(dataset, name)  # the type (no IterableDataset, list or dict) and every prompt a string
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:
-        columns = list(dataset[0].keys()) if len(dataset) else []
+    columns = _column_names(dataset)
     if "prompt" not in columns:
         raise ValueError(
             f"{name} needs a 'prompt' column with the text prompts, but its columns are {columns}. Rename the text "
@@ -82,3 +98,44 @@ class GroupSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.num_rows - self.num_rows % self.prompts_per_batch) * self.num_generations * self.repeat
+
+
+class SourceImageRows(torch.utils.data.Dataset):
+    """The rows of an image-editing dataset with their source image under `SOURCE_IMAGES_KEYWORD`: rollouts are
+    conditioned on it and reward functions receive it as `source_images`, whatever the dataset calls the column.
+
+    Column access (`rows["prompt"]`) reads the wrapped dataset.
+
+    Raises:
+        ValueError: if `dataset` has no column `column`, or also has a different column named `source_images`.
+    """
+
+    def __init__(self, dataset: Any, column: str, name: str):
+        columns = _column_names(dataset)
+        if column not in columns:
+            raise ValueError(
+                f"{name} has no column {column!r} of source images (its columns are {columns}), but the pipeline "
+                "edits images: each row needs the image its instruction edits. Set `source_image_column` to the "
+                f"column that holds them, or add one, e.g. `{name}.add_column({column!r}, images)`."
+            )
+        if SOURCE_IMAGES_KEYWORD in columns and column != SOURCE_IMAGES_KEYWORD:
+            raise ValueError(
+                f"{name} has a column {SOURCE_IMAGES_KEYWORD!r} besides the source-image column {column!r}; reward "
+                f"functions receive the source images under that keyword. Rename or drop one of them."
+            )
+        self.dataset, self.column, self.name = dataset, column, name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int | str) -> Any:
+        if isinstance(index, str):
+            return self.dataset[index]
+        row = dict(self.dataset[index])
+        image = row.pop(self.column)
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"{self.name} row {index}: the source image ({self.column!r}) is a {type(image).__name__}, not a "
+                f"PIL image. Cast the column, e.g. `{self.name}.cast_column({self.column!r}, datasets.Image())`."
+            )
+        return {**row, SOURCE_IMAGES_KEYWORD: image}

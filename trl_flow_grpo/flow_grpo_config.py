@@ -43,6 +43,10 @@ class FlowGRPOConfig(TrainingArguments):
             the [`FlowGRPOTrainer`] is a Hub id or a path, e.g. `{"dtype": "bfloat16"}`.
         max_sequence_length (`int`, *optional*, defaults to `256`):
             Maximum number of T5 tokens of a prompt (SD3's `max_sequence_length`).
+        source_image_column (`str`, *optional*, defaults to `"image"`):
+            For image-editing pipelines (FLUX.1-Kontext): the dataset column holding each prompt's source image (a
+            PIL image, e.g. a `datasets.Image` feature). Rollouts are conditioned on it, and reward and preference
+            functions receive it as the keyword `source_images`. Ignored by text-to-image pipelines.
 
         > Parameters that control the rollout (sampling)
 
@@ -244,6 +248,13 @@ class FlowGRPOConfig(TrainingArguments):
         },
     )
     max_sequence_length: int = field(default=256, metadata={"help": "Maximum number of T5 tokens of a prompt."})
+    source_image_column: str = field(
+        default="image",
+        metadata={
+            "help": "Image-editing pipelines only: the dataset column with each prompt's source image; reward "
+            "functions receive it as `source_images`."
+        },
+    )
 
     # --- rollout ---
     num_generations: int = field(

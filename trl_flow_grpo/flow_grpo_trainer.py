@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from . import hub, sample_logging
 from .checkpointing import CheckpointingMixin, RolloutBuffer
-from .data import RowIndexed, check_prompt_dataset, check_train_dataset
+from .data import SOURCE_IMAGES_KEYWORD, RowIndexed, SourceImageRows, check_prompt_dataset, check_train_dataset
 from .ema import ParameterEMA
 from .finite import NonFiniteGuard
 from .flow_grpo_config import FlowGRPOConfig
@@ -170,6 +170,9 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         self.pipeline = model = _load_pipeline(model, args.model_init_kwargs)
         self.adapter = get_adapter(model)
         self.adapter.check_inputs(args.height, args.width)
+        self._source_image_column = args.source_image_column
+        train_dataset = self._with_source_images(train_dataset, "train_dataset")
+        self._with_source_images(eval_dataset, "eval_dataset")  # checked now; wrapped at each `evaluate`
         for module in self.adapter.frozen_modules:
             module.requires_grad_(False)
             module.eval()
@@ -222,6 +225,17 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             num_processes=self.accelerator.num_processes,
         )
         self.add_callback(self._stop_on_signal)  # after the EMA update and the buffer mark: their step ends come first
+
+    def _with_source_images(self, dataset: Any, name: str) -> Any:
+        """For an image-editing pipeline, `dataset` with each row's source image under `source_images` (checked);
+        any other dataset unchanged."""
+        if dataset is None or not self.adapter.edits_images:
+            return dataset
+        return SourceImageRows(dataset, self._source_image_column, name)
+
+    def _source_images(self, rows: list[dict]) -> list | None:
+        """The source images of `rows` for an image-editing pipeline, `None` otherwise."""
+        return [row[SOURCE_IMAGES_KEYWORD] for row in rows] if self.adapter.edits_images else None
 
     def _any_process(self, flag: bool) -> bool:
         """Whether `flag` is set on any process (a collective operation: every process calls it at the same point)."""
@@ -306,6 +320,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                     prefix_groups=[row["_row"] for row in rows] if args.same_latent else None,
                     record_means=args.loss_type == "grpo_guard",  # its RatioNorm compares them with the new means
                     autocast=self.compute_loss_context_manager,
+                    source_images=self._source_images(rows),
                 )
             )
         transformer.train(was_training)
@@ -476,6 +491,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         check_prompt_dataset(dataset, "eval_dataset")
+        dataset = self._with_source_images(dataset, "eval_dataset")
         if not self.reward_funcs:
             raise ValueError(
                 "evaluate() reports the mean of each reward function, and this trainer has only preference functions. "
@@ -512,6 +528,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                     guidance_scale=self.guidance_scale,
                     max_sequence_length=args.max_sequence_length,
                     autocast=self.compute_loss_context_manager,
+                    source_images=self._source_images(chunk_rows),
                 )
                 images.extend(samples.images)
                 rows.extend(chunk_rows)
@@ -523,6 +540,9 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                 metrics[f"{metric_key_prefix}_reward"] - self._last_train_reward
             )
         prompts = [row["prompt"] for row in rows]
+        sources = self._source_images(rows)
+        if sources is not None:  # edits are shown next to their source (the grid, the model card and its widget)
+            images = [hub.side_by_side(source, edit) for source, edit in zip(sources, images)]
         self._last_eval_samples = (images[: hub.MAX_WIDGET_IMAGES], prompts[: hub.MAX_WIDGET_IMAGES])  # widget
         self.log(metrics)
         if self.is_world_process_zero() and images:  # after `log`: the trackers' runs are set up by then

@@ -554,6 +554,16 @@ MAX_WIDGET_IMAGES = 4
 """How many sample images the model card's widget shows."""
 
 
+def side_by_side(source: Image.Image, edit: Image.Image) -> Image.Image:
+    """An edit next to its source image (source left, edit right, the source resized to the edit's size): the
+    samples of an image-editing run in evaluation grids, the model card's `samples.png` and its widget."""
+    width, height = edit.size
+    pair = Image.new("RGB", (2 * width, height), "white")
+    pair.paste(source.convert("RGB").resize((width, height)), (0, 0))
+    pair.paste(edit.convert("RGB"), (width, 0))
+    return pair
+
+
 def save_widget_images(
     output_dir: str, images: list[Image.Image], prompts: list[str], max_images: int = MAX_WIDGET_IMAGES
 ) -> list[dict[str, Any]]:

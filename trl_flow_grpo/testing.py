@@ -47,6 +47,7 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Pipeline,
     Flux2Transformer2DModel,
+    FluxKontextPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
     QwenImage21Pipeline,
@@ -94,6 +95,7 @@ __all__ = [
     "make_tiny_clip_tokenizer",
     "make_tiny_flux2_klein_pipeline",
     "make_tiny_flux2_pipeline",
+    "make_tiny_flux_kontext_pipeline",
     "make_tiny_flux_pipeline",
     "TinyQwen3VLTextProcessor",
     "make_tiny_qwen2_tokenizer",
@@ -340,6 +342,29 @@ def make_tiny_flux_pipeline(
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
     )
+
+
+def make_tiny_flux_kontext_pipeline(
+    seed: int = 0,
+    *,
+    sample_size: int = 32,
+    torch_dtype: torch.dtype = torch.float32,
+) -> FluxKontextPipeline:
+    """Build a tiny, randomly initialised [`~diffusers.FluxKontextPipeline`] without touching the network.
+
+    The models of [`make_tiny_flux_pipeline`] with FLUX.1-dev's guidance embedding (Kontext is a FLUX.1-dev
+    fine-tune with the same transformer; the source image only adds tokens), seeded and returned the same way.
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; a multiple of 4.
+        torch_dtype: dtype of all model weights.
+
+    Returns:
+        The pipeline, on CPU.
+    """
+    flux = make_tiny_flux_pipeline(seed, sample_size=sample_size, guidance_embeds=True, torch_dtype=torch_dtype)
+    return FluxKontextPipeline(**flux.components)
 
 
 def make_tiny_qwen2_5_vl(tokenizer: Qwen2Tokenizer, hidden_size: int = 32) -> Qwen2_5_VLForConditionalGeneration:

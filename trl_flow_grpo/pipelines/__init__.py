@@ -7,6 +7,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from .base import Conditioning, PipelineAdapter, select
 from .flux import FluxAdapter
 from .flux2 import Flux2Adapter, Flux2KleinAdapter
+from .flux_kontext import FluxKontextAdapter
 from .qwen_image import QwenImageAdapter
 from .qwen_image_21 import QwenImage21Adapter
 from .sd3 import SD3Adapter
@@ -15,6 +16,7 @@ from .z_image import ZImageAdapter
 ADAPTERS: list[type[PipelineAdapter]] = [
     SD3Adapter,
     FluxAdapter,
+    FluxKontextAdapter,
     Flux2Adapter,
     Flux2KleinAdapter,
     QwenImageAdapter,
@@ -52,7 +54,8 @@ def unsupported_pipeline_message(pipeline: Any) -> str:
         f"{name} is a flow-matching pipeline, but no adapter supports it yet. Supported pipelines: {supported}. "
         f"To add it, subclass trl_flow_grpo.pipelines.PipelineAdapter with `pipeline_class = {name}`, "
         f"`default_guidance_scale` and the methods {required} (override `decode`, `forwards_per_sample`, "
-        "`pipeline_call_kwargs` and `save_lora_weights` if the defaults do not fit), and append it to "
+        "`pipeline_call_kwargs` and `save_lora_weights` if the defaults do not fit; an image-editing pipeline also "
+        "sets `edits_images = True` and implements `encode_source_images`), and append it to "
         "trl_flow_grpo.pipelines.ADAPTERS; see docs/adding_a_family.md."
     )
 
@@ -63,6 +66,7 @@ __all__ = [
     "Flux2Adapter",
     "Flux2KleinAdapter",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "PipelineAdapter",
     "QwenImage21Adapter",
     "QwenImageAdapter",

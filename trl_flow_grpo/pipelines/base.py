@@ -30,6 +30,9 @@ class PipelineAdapter(ABC):
     """The diffusers pipeline class this adapter serves (subclasses included)."""
     default_guidance_scale: ClassVar[float]
     """The guidance scale used when the configuration leaves `guidance_scale` unset."""
+    edits_images: ClassVar[bool] = False
+    """Whether the pipeline edits a source image (FLUX.1-Kontext): each dataset row then
+    carries its source image (`source_image_column`) and `encode_source_images` adds it to the conditioning."""
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
@@ -102,6 +105,14 @@ class PipelineAdapter(ABC):
             sigma: shape (B,), float32.
             cond: from `encode_prompts`, batch B.
         """
+
+    def encode_source_images(self, images: list[Image.Image], latents: torch.Tensor) -> Conditioning:
+        """The conditioning on one source image per sample, for samples shaped like `latents` (B, *latent_shape),
+        merged into the text conditioning by `sample`. Only editing adapters (`edits_images`) implement it."""
+        raise ValueError(
+            f"{type(self.pipeline).__name__} generates from text only, so it cannot be conditioned on source images; "
+            "use an image-editing pipeline (FluxKontextPipeline) to train on edits."
+        )
 
     def pipeline_call_kwargs(self, guidance_scale: float) -> dict:
         """The arguments of the pipeline's own `__call__` that sample with this guidance (model cards, `sample`)."""

@@ -5,7 +5,8 @@ or an object with a `__call__` method) and is called with keyword arguments only
 
 - `prompts`: `list[str]`, one prompt per sample;
 - `images`: `list[PIL.Image.Image]`, one generated image per sample;
-- every other dataset column, as a keyword holding a list with one entry per sample;
+- every other dataset column, as a keyword holding a list with one entry per sample; for an image-editing pipeline
+  the source image of each sample is one of them, named `source_images` (the trainer renames `source_image_column`);
 - `trainer_state`: the trainer's `TrainerState` (may be `None`);
 - `log_extra(column, values)` and `log_metric(name, value)`: TRL's logging hooks (see `call_reward_funcs`), passed by
   the trainer.

@@ -53,14 +53,19 @@ def sample(
     prefix_groups: Sequence[Hashable] | None = None,
     record_means: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    source_images: list[Image.Image] | None = None,
 ) -> Samples:
     """Encode `prompts`, roll out from `noise` (B, *latent) over `sigmas`, and decode the final latents.
 
     The keyword arguments are those of `sampling.rollout` (`sde_steps=[]` and `noise_level=0.0` give an ODE sample);
-    `autocast` is entered around the transformer calls (the trainer's `compute_loss_context_manager`).
+    `autocast` is entered around the transformer calls (the trainer's `compute_loss_context_manager`). An editing
+    adapter (`adapter.edits_images`) is conditioned on `source_images`, one per prompt; their conditioning is part of
+    the batch's, so that training recomputes every step on the same source.
     """
     device = noise.device
     cond = adapter.encode_prompts(prompts, device, guidance_scale > 1, max_sequence_length)
+    if source_images is not None:
+        cond |= adapter.encode_source_images(source_images, noise)
     with autocast():
         trajectory = rollout(
             adapter,
