@@ -411,6 +411,7 @@ class CheckpointingMixin:
                 "height": args.height,
                 "width": args.width,
             },
+            hybrid_steps=args.eval_hybrid_steps,
             wandb_url=hub.wandb_url(),
             trackio_url=hub.trackio_url(),
             widget=widget,

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from .file_names import TRANSFORMER_FOLDER
 
@@ -775,6 +776,10 @@ class SampleArguments:
             Seed of the first image of each prompt.
         dtype (`str`, *optional*, defaults to `"auto"`):
             `"auto"` (bfloat16 on CUDA, float32 otherwise), `"float32"`, `"bfloat16"` or `"float16"`.
+        hybrid_steps (`int`, *optional*):
+            Hybrid inference (MixGRPO's): the trained model (`lora`) makes the first `hybrid_steps` of the
+            `num_inference_steps` steps, the base model the rest (the LoRA disabled, or the base pipeline's own
+            transformer for a full fine-tuning output). Unset: the trained model makes every step.
     """
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Base pipeline; unset: shapes model."})
@@ -796,6 +801,44 @@ class SampleArguments:
     width: int | None = field(default=None, metadata={"help": "Image width (default: the pipeline's)."})
     seed: int = field(default=0, metadata={"help": "Seed of the first image of each prompt."})
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
+    hybrid_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Hybrid inference (MixGRPO): the trained model for the first K steps, the base model after."
+        },
+    )
+
+
+class _HybridInference:
+    """`sample --hybrid_steps K`: the trained model for the first K steps, then the base model. A diffusers
+    `callback_on_step_end` switches after step K - 1: it disables the LoRA, or puts the base pipeline's transformer
+    back in place of a fully fine-tuned one (`base_transformer`); `switched()` runs one call and switches back."""
+
+    def __init__(self, pipe: Any, steps: int, base_transformer: Any | None = None):
+        self.pipe, self.steps, self.base_transformer, self.trained = pipe, steps, base_transformer, None
+
+    def _use_base(self) -> None:
+        if self.base_transformer is None:
+            self.pipe.disable_lora()
+        else:
+            self.trained, self.pipe.transformer = self.pipe.transformer, self.base_transformer
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        if step == self.steps - 1:
+            self._use_base()
+        return callback_kwargs
+
+    @contextlib.contextmanager
+    def switched(self) -> Iterator[None]:
+        if self.steps == 0:
+            self._use_base()
+        try:
+            yield
+        finally:
+            if self.base_transformer is None:
+                self.pipe.enable_lora()
+            elif self.trained is not None:
+                self.pipe.transformer, self.trained = self.trained, None
 
 
 def _reward_table(names: list[str], prompts: list[str], seeds: list[int], rewards) -> str:
@@ -826,6 +869,17 @@ def sample(argv: list[str]) -> None:
         raise SystemExit('trl-flow-grpo sample: no prompts; pass --prompts "a cat" "a dog" or --prompts_file FILE.')
     if args.images_per_prompt < 1:
         raise SystemExit(f"trl-flow-grpo sample: --images_per_prompt must be >= 1, got {args.images_per_prompt}.")
+    if args.hybrid_steps is not None:
+        if args.lora is None:
+            raise SystemExit(
+                "trl-flow-grpo sample: --hybrid_steps switches from the trained model to the base model; pass the "
+                "trained model with --lora (a LoRA or a full fine-tuning output)."
+            )
+        if not 0 <= args.hybrid_steps <= args.num_inference_steps:
+            raise SystemExit(
+                f"trl-flow-grpo sample: --hybrid_steps must be in [0, --num_inference_steps="
+                f"{args.num_inference_steps}] (the steps made by the trained model), got {args.hybrid_steps}."
+            )
 
     import torch
     from diffusers import DiffusionPipeline
@@ -855,14 +909,21 @@ def sample(argv: list[str]) -> None:
         with _hub_errors_as_one_line("sample", "model", args.model_name_or_path):
             pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, **load_dtype)
         extra = {}
+    base_transformer = None  # a full fine-tuning output's base transformer, for --hybrid_steps
     if args.lora is not None:
         transformer_dir = os.path.join(args.lora, TRANSFORMER_FOLDER)
         if os.path.isdir(transformer_dir):  # a full fine-tuning output
+            if args.hybrid_steps is not None:
+                base_transformer = pipe.transformer.to(device)
             pipe.transformer = type(pipe.transformer).from_pretrained(transformer_dir, **load_dtype)
         else:
             with _without_text_encoder_lora_warnings():  # the trainer's LoRAs have no text encoder keys
                 pipe.load_lora_weights(args.lora)
     pipe = pipe.to(device)
+    hybrid = None if args.hybrid_steps is None else _HybridInference(pipe, args.hybrid_steps, base_transformer)
+    switched = hybrid.switched if hybrid is not None else contextlib.nullcontext
+    if hybrid is not None:
+        extra["callback_on_step_end"] = hybrid
     pipe.set_progress_bar_config(disable=True)
     from .pipelines import get_adapter
 
@@ -876,15 +937,16 @@ def sample(argv: list[str]) -> None:
     jobs = [(p, k) for p in prompts for k in range(args.images_per_prompt)]
     for prompt, k in tqdm(jobs, desc="sample"):
         generator = torch.Generator(device).manual_seed(args.seed + k)
-        image = pipe(
-            prompt,
-            num_inference_steps=args.num_inference_steps,
-            height=args.height,
-            width=args.width,
-            generator=generator,
-            **guidance,
-            **extra,
-        ).images[0]
+        with switched():
+            image = pipe(
+                prompt,
+                num_inference_steps=args.num_inference_steps,
+                height=args.height,
+                width=args.width,
+                generator=generator,
+                **guidance,
+                **extra,
+            ).images[0]
         images.append(image)
         captions.append(prompt)
         seeds.append(args.seed + k)

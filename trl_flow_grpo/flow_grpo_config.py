@@ -68,6 +68,12 @@ class FlowGRPOConfig(TrainingArguments):
             Number of denoising steps T of a training rollout.
         eval_num_inference_steps (`int`, *optional*, defaults to `40`):
             Number of denoising steps used by [`~FlowGRPOTrainer.evaluate`] (always the deterministic ODE sampler).
+        eval_hybrid_steps (`int` or `None`, *optional*, defaults to `None`):
+            Hybrid inference (MixGRPO's released inference): evaluation images use the trained model for the first
+            `eval_hybrid_steps` of the `eval_num_inference_steps` ODE steps and the base model for the rest (a LoRA:
+            the same network with its adapter disabled; full fine-tuning: the trainer's frozen copy of the base
+            weights, which it keeps with `beta > 0` and no `ref_model_sync_steps`). MixGRPO renders with 30 of 50
+            steps. `eval_num_inference_steps` gives the trained model's images, `0` the base model's; `None`: off.
         guidance_scale (`float` or `None`, *optional*, defaults to `None`):
             Guidance scale, as the pipeline family understands it: classifier-free guidance for SD3 / SD3.5, the
             guidance embedding for FLUX.1-dev, true CFG with the negative prompt " " for Qwen-Image. `None` takes the
@@ -278,6 +284,13 @@ class FlowGRPOConfig(TrainingArguments):
     num_inference_steps: int = field(default=10, metadata={"help": "Denoising steps T of a training rollout."})
     eval_num_inference_steps: int = field(
         default=40, metadata={"help": "Denoising steps of evaluation sampling (always ODE)."}
+    )
+    eval_hybrid_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Hybrid inference (MixGRPO): evaluation uses the trained model for the first K ODE steps and the "
+            "base model (LoRA disabled) for the rest. None: off."
+        },
     )
     guidance_scale: float | None = field(
         default=None,
@@ -522,6 +535,11 @@ class FlowGRPOConfig(TrainingArguments):
             raise ValueError(
                 f"num_inference_steps ({self.num_inference_steps}) and eval_num_inference_steps "
                 f"({self.eval_num_inference_steps}) must be positive."
+            )
+        if self.eval_hybrid_steps is not None and not 0 <= self.eval_hybrid_steps <= self.eval_num_inference_steps:
+            raise ValueError(
+                f"eval_hybrid_steps must be in [0, eval_num_inference_steps={self.eval_num_inference_steps}] (the "
+                f"number of ODE steps made by the trained model), got {self.eval_hybrid_steps}; None turns it off."
             )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}.")

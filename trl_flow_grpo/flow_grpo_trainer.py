@@ -179,6 +179,18 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         set_seed(args.seed)  # the LoRA's random init follows args.seed, like everything else
         self.is_lora = peft_config is not None
         transformer = self.adapter.transformer
+        if (
+            args.eval_hybrid_steps is not None
+            and not self.is_lora
+            and (args.beta == 0 or args.ref_model_sync_steps is not None)
+        ):
+            raise ValueError(
+                f"eval_hybrid_steps={args.eval_hybrid_steps} needs the base model for the last steps; with full "
+                "fine-tuning that is the frozen copy of the base weights, which the trainer keeps only with beta > 0 "
+                f"and ref_model_sync_steps=None (got beta={args.beta}, ref_model_sync_steps="
+                f"{args.ref_model_sync_steps}). Train a LoRA (peft_config; its base is the adapter disabled), set "
+                "beta > 0 without ref_model_sync_steps, or set eval_hybrid_steps=None."
+            )
         self.ref_transformer, args = _prepare_transformer(transformer, peft_config, args)
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -478,6 +490,19 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         finally:
             unwrapped.enable_adapters()
 
+    @contextlib.contextmanager
+    def _base_model(self, transformer: torch.nn.Module):
+        """The base model of hybrid inference (`eval_hybrid_steps`): `transformer` with its LoRA adapters disabled
+        (whatever a reference refresh holds), or the frozen copy of the base weights of full fine-tuning."""
+        if not self.is_lora:
+            yield self.ref_transformer  # checked at construction: the untouched base weights
+            return
+        transformer.disable_adapters()
+        try:
+            yield transformer
+        finally:
+            transformer.enable_adapters()
+
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(
@@ -486,7 +511,10 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Sample every eval prompt once with the ODE sampler (fixed seeds) and report the mean of every reward."""
+        """Sample every eval prompt once with the ODE sampler (fixed seeds) and report the mean of every reward.
+
+        With `eval_hybrid_steps` the images are hybrid-inference samples: the trained model for that many steps, the
+        base model for the rest (MixGRPO's inference)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
@@ -529,6 +557,8 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                     max_sequence_length=args.max_sequence_length,
                     autocast=self.compute_loss_context_manager,
                     source_images=self._source_images(chunk_rows),
+                    hybrid_steps=args.eval_hybrid_steps,
+                    base_transformer=lambda: self._base_model(transformer),
                 )
                 images.extend(samples.images)
                 rows.extend(chunk_rows)

@@ -235,10 +235,16 @@ def _usage_code(
     transformer_class: str,
     prompt: str,
     inference: dict[str, Any],
+    hybrid_steps: int | None = None,
 ) -> str:
+    """The card's loading example. With `hybrid_steps` (a LoRA only), hybrid inference as the evaluation made its
+    images: a `callback_on_step_end` turns the LoRA off after that many steps, so the base model makes the rest."""
     base = json.dumps(base_model or "path/to/base-model")
     repo = json.dumps(repo_id)
     call_args = ", ".join(f"{key}={value!r}" for key, value in inference.items())
+    hybrid = is_lora and hybrid_steps is not None
+    if hybrid:
+        call_args += ", callback_on_step_end=base_model_after"
     call = f"image = pipe({json.dumps(prompt, ensure_ascii=False)}, {call_args}).images[0]"
     if is_lora:
         lines = [
@@ -258,6 +264,20 @@ def _usage_code(
             f"pipe = DiffusionPipeline.from_pretrained({base}, transformer=transformer, torch_dtype=torch.bfloat16)",
             'pipe = pipe.to("cuda")',
         ]
+    if hybrid:
+        lines += [
+            "",
+            f"# Hybrid inference (MixGRPO), as in the evaluation: the LoRA makes the first {hybrid_steps} steps, "
+            "the base model the rest.",
+            "def base_model_after(pipe, step, timestep, callback_kwargs):",
+            f"    if step == {hybrid_steps - 1}:",
+            "        pipe.disable_lora()",
+            "    return callback_kwargs",
+            "",
+        ]
+        if hybrid_steps == 0:
+            lines.append("pipe.disable_lora()")
+        return "\n".join([*lines, call, "pipe.enable_lora()", 'image.save("sample.png")'])
     return "\n".join([*lines, call, 'image.save("sample.png")'])
 
 
@@ -299,6 +319,8 @@ class RunSummary:
     """Prompt of the loading example."""
     inference: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the pipeline call in the loading example."""
+    hybrid_steps: int | None = None
+    """`eval_hybrid_steps`: the loading example of a LoRA then makes hybrid-inference images, as the evaluation."""
     wandb_url: str | None = None
     """The W&B run of the training, if one was active."""
     trackio_url: str | None = None
@@ -369,6 +391,7 @@ def generate_model_card(summary: RunSummary) -> ModelCard:
         summary.transformer_class,
         summary.example_prompt,
         summary.inference,
+        summary.hybrid_steps,
     )
     return ModelCard.from_template(
         card_data,

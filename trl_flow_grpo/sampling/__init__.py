@@ -2,6 +2,7 @@
 `sample` (prompts + noise -> images + `RolloutBatch`), which training and evaluation share."""
 
 from .dpm import ODE_SOLVERS, compressed_schedule, dpm_solver_pp_2m_step, num_tail_steps, solve_ode
+from .hybrid import hybrid_rollout
 from .rollout import Trajectory, rollout, step_log_prob
 from .sampler import Samples, sample
 from .steps import SDE_TYPES, ode_step, sde_step_with_logprob
@@ -18,6 +19,7 @@ __all__ = [
     "WindowSchedule",
     "compressed_schedule",
     "dpm_solver_pp_2m_step",
+    "hybrid_rollout",
     "num_tail_steps",
     "ode_step",
     "rollout",

@@ -1,8 +1,9 @@
 """`sample`: prompts + initial noise -> images + the recorded trajectory, for training and for evaluation alike.
 
 Training samples with the SDE window of the iteration (`sde_steps`), its `noise_level` and the rollout guidance;
-evaluation passes no SDE step (a deterministic ODE sample) and the evaluation guidance. Everything else (prompt
-encoding, the rollout, decoding) is the same code.
+evaluation passes no SDE step (a deterministic ODE sample) and the evaluation guidance, and with `hybrid_steps` the
+base model takes over after that many steps (`hybrid.hybrid_rollout`). Everything else (prompt encoding, the
+rollout, decoding) is the same code.
 """
 
 import contextlib
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..rollout_batch import RolloutBatch
+from .hybrid import hybrid_rollout
 from .rollout import rollout
 
 if TYPE_CHECKING:
@@ -54,6 +56,8 @@ def sample(
     record_means: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     source_images: list[Image.Image] | None = None,
+    hybrid_steps: int | None = None,
+    base_transformer: Callable[[], contextlib.AbstractContextManager[torch.nn.Module]] | None = None,
 ) -> Samples:
     """Encode `prompts`, roll out from `noise` (B, *latent) over `sigmas`, and decode the final latents.
 
@@ -61,28 +65,52 @@ def sample(
     `autocast` is entered around the transformer calls (the trainer's `compute_loss_context_manager`). An editing
     adapter (`adapter.edits_images`) is conditioned on `source_images`, one per prompt; their conditioning is part of
     the batch's, so that training recomputes every step on the same source.
+
+    `hybrid_steps` (an ODE sample only: no SDE step, Euler on the grid) makes a hybrid-inference sample: `transformer`
+    for the first `hybrid_steps` steps, then the model `base_transformer()` yields (see `hybrid.hybrid_rollout`).
     """
     device = noise.device
+    if hybrid_steps is not None:
+        if sde_steps or ode_solver != "euler" or ode_compression != 1.0 or prefix_groups is not None:
+            raise ValueError(
+                "hybrid_steps makes an ODE sample with Euler steps on the grid: pass no sde_steps, "
+                f"ode_solver='euler', ode_compression=1.0 and no prefix_groups (got sde_steps={list(sde_steps)}, "
+                f"ode_solver={ode_solver!r}, ode_compression={ode_compression}, prefix_groups={prefix_groups})."
+            )
+        if base_transformer is None:
+            raise ValueError("hybrid_steps needs base_transformer, the base model's context manager.")
     cond = adapter.encode_prompts(prompts, device, guidance_scale > 1, max_sequence_length)
     if source_images is not None:
         cond |= adapter.encode_source_images(source_images, noise)
     with autocast():
-        trajectory = rollout(
-            adapter,
-            transformer,
-            cond,
-            sigmas,
-            noise,
-            sde_steps=sde_steps,
-            noise_level=noise_level,
-            sde_type=sde_type,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            ode_solver=ode_solver,
-            ode_compression=ode_compression,
-            prefix_groups=prefix_groups,
-            record_means=record_means,
-        )
+        if hybrid_steps is not None:
+            trajectory = hybrid_rollout(
+                adapter,
+                transformer,
+                base_transformer,
+                cond,
+                sigmas,
+                noise,
+                hybrid_steps=hybrid_steps,
+                guidance_scale=guidance_scale,
+            )
+        else:
+            trajectory = rollout(
+                adapter,
+                transformer,
+                cond,
+                sigmas,
+                noise,
+                sde_steps=sde_steps,
+                noise_level=noise_level,
+                sde_type=sde_type,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                ode_solver=ode_solver,
+                ode_compression=ode_compression,
+                prefix_groups=prefix_groups,
+                record_means=record_means,
+            )
     batch = RolloutBatch(
         cond=cond,
         latents=trajectory.latents,

@@ -406,7 +406,8 @@ def score_image(prompt: str, image: Image.Image | np.ndarray) -> tuple[float, di
 
     Returns:
         ``(score, details)`` where `details` holds ``"category"``, ``"score"``, ``"credit"`` (GenEval-style partial
-        credit), ``"correct"`` (GenEval's verdict: credit 1), ``"count_terms"`` (outside counting: the exact-count term of each requested shape),
+        credit), ``"correct"`` (GenEval's verdict: credit 1), ``"count_terms"`` (outside counting: the exact-count
+        term of each requested shape),
         ``"detections"`` (colour, shape, area, centroid, bbox of each detected object) and per category
         ``"object_credit"`` (single_object), ``"expected_count"`` / ``"detected_count"`` (counting),
         ``"object_credits"`` (two_object, position) and ``"relation_holds"`` (position).
