@@ -60,7 +60,8 @@ def sample(
     `autocast` is entered around the transformer calls (the trainer's `compute_loss_context_manager`).
     """
     device = noise.device
-    cond = adapter.encode_prompts(prompts, device, guidance_scale > 1, max_sequence_length)
+    with adapter.text_encoders_on(device):  # on the device only while encoding with `offload_text_encoders`
+        cond = adapter.encode_prompts(prompts, device, guidance_scale > 1, max_sequence_length)
     with autocast():
         trajectory = rollout(
             adapter,
