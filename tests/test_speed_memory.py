@@ -118,7 +118,7 @@ def test_attention_backend_on_sd3_says_it_would_change_nothing(tmp_path):
 def test_compile_transformer_compiles_the_repeated_blocks_after_the_lora(tmp_path, monkeypatch):
     compiled = []
 
-    def fake_compile(self, *args, **kwargs):  # record instead of compiling: inductor warms up for minutes on CPU
+    def fake_compile(self, *args, **kwargs):  # record, do not compile: inductor is slow on CPU
         compiled.append((type(self).__name__, any("lora_" in name for name, _ in self.named_parameters())))
 
     monkeypatch.setattr(torch.nn.Module, "compile", fake_compile)
