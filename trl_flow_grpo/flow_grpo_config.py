@@ -5,6 +5,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .acceleration import check_attention_backend
 from .losses import LOSS_TYPES
 from .sampling.dpm import ODE_SOLVERS
 from .sampling.steps import SDE_TYPES
@@ -32,8 +33,9 @@ class FlowGRPOConfig(TrainingArguments):
     first (in chunks of `per_device_train_batch_size` per process), scored, and turned into group-relative advantages;
     then each chunk is trained on one recorded SDE step at a time, one forward + backward pass per step (a micro-step
     of gradient accumulation): `gradient_accumulation_steps * num_sde_steps` backward passes per process per
-    optimizer step, each over `per_device_train_batch_size` images. With `num_iterations > 1` the same samples are
-    reused for that many optimizer steps (later ones are off-policy).
+    optimizer step, each over `per_device_train_batch_size` images (`steps_per_backward` stacks several steps into
+    one pass). With `num_iterations > 1` the same samples are reused for that many optimizer steps (later ones are
+    off-policy).
 
     Parameters:
         > Parameters that control the model
@@ -218,6 +220,34 @@ class FlowGRPOConfig(TrainingArguments):
         preference_tie_margin (`float`, *optional*, defaults to `0.0`):
             For preference functions named by a built-in reward: score differences of at most this much are ties
             (`p = 0.5`), so that near-identical images get no advantage.
+
+        > Parameters that control speed and memory
+
+        attention_backend (`str`, *optional*):
+            Attention kernel of the transformer (and of the KL reference copy), set with diffusers'
+            `transformer.set_attention_backend(name)`: a value of
+            `diffusers.models.attention_dispatch.AttentionBackendName`, e.g. `"native"` (PyTorch's scaled
+            dot-product attention, on any device), `"flash"`, `"_flash_3"`, `"sage"` or `"xformers"` (these need
+            their package and a GPU; `*_hub` ones download a kernel from the Hub). Unset: the model's own
+            processors. Kernels other than `"native"` may change the numerics slightly. Models whose attention
+            processors do not go through diffusers' dispatcher (SD3 in diffusers 0.42, which always uses PyTorch's
+            scaled dot-product attention) raise an error instead of ignoring it.
+        compile_transformer (`bool`, *optional*, defaults to `False`):
+            Compile the transformer's repeated blocks with `torch.compile` (regional compilation: diffusers'
+            `compile_repeated_blocks`, or the blocks the pipeline adapter names when the model class lists none, e.g.
+            SD3's `JointTransformerBlock`), after the LoRA is added; rollouts and training then run the compiled
+            blocks. The first calls are slow (compilation; again for every new batch shape).
+        steps_per_backward (`int`, *optional*, defaults to `1`):
+            Recorded SDE steps of a micro-batch trained in one batched forward + backward (the steps stacked along
+            the batch: `per_device_train_batch_size * steps_per_backward` samples per forward). The gradient is the
+            same as one step at a time, up to rounding; fewer, larger forwards are faster on a large accelerator,
+            and the activations of all the stacked steps are alive at once (memory grows with it). A value at least
+            the number of recorded steps trains all of them in one pass.
+        offload_text_encoders (`bool`, *optional*, defaults to `False`):
+            Keep the text encoders on the CPU and move them to the accelerator only while prompts are encoded (once
+            per micro-batch of rollouts and per evaluation batch; the embeddings are reused for training). Frees
+            their memory for sampling and training at the cost of one copy of their weights per encoding. Results
+            are identical. Reward models have their own `offload=True` option (see the rewards' documentation).
 
         > Parameters that control checkpoints
 
@@ -461,6 +491,24 @@ class FlowGRPOConfig(TrainingArguments):
         default=0.0, metadata={"help": "Reward-named preferences: score differences up to this are ties."}
     )
 
+    # --- speed and memory ---
+    attention_backend: str | None = field(
+        default=None,
+        metadata={"help": "diffusers attention backend of the transformer, e.g. `native`, `flash`; unset: default."},
+    )
+    compile_transformer: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the transformer's repeated blocks (regional compilation)."},
+    )
+    steps_per_backward: int = field(
+        default=1,
+        metadata={"help": "Recorded SDE steps trained in one batched forward + backward (memory grows with it)."},
+    )
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={"help": "Keep the text encoders on the CPU except while encoding prompts."},
+    )
+
     # --- checkpoints ---
     resume_allow_damaged_checkpoint: bool = field(
         default=False,
@@ -592,6 +640,15 @@ class FlowGRPOConfig(TrainingArguments):
                 f"preference_temperature ({self.preference_temperature}) and preference_tie_margin "
                 f"({self.preference_tie_margin}) must be >= 0."
             )
+        if isinstance(self.steps_per_backward, bool) or not isinstance(self.steps_per_backward, int):
+            raise ValueError(f"steps_per_backward must be a positive integer, got {self.steps_per_backward!r}.")
+        if self.steps_per_backward < 1:
+            raise ValueError(
+                f"steps_per_backward must be at least 1 (1: one recorded step per backward), got "
+                f"{self.steps_per_backward}."
+            )
+        if self.attention_backend is not None:
+            check_attention_backend(self.attention_backend)
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}.")
         if self.height <= 0 or self.width <= 0:

@@ -6,7 +6,8 @@ One optimizer step, in the order of this file:
    images with every reward (and preference) function across processes and turns the scores into group-relative
    advantages (`scoring.Scorer`): one `RolloutBatch` per micro-batch.
 2. `training_step` runs once per `RolloutBatch`; every recorded SDE step is one backward pass
-   (`sampling.step_log_prob` -> clipped policy loss + KL to the reference, `_step_loss`).
+   (`sampling.step_log_prob` -> clipped policy loss + KL to the reference, `_step_loss`), or `steps_per_backward`
+   steps share one batched forward and backward (`sampling.steps_log_prob`, `_steps_loss`).
 `transformers.Trainer` does the rest: optimizer, scheduler, accumulation, gradient clipping, logging, checkpoints.
 Saving, resuming and every override of a private Trainer method are in `checkpointing.CheckpointingMixin`; the model
 card and uploads in `hub`.
@@ -28,7 +29,7 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
 
-from . import hub, sample_logging
+from . import acceleration, hub, sample_logging
 from .checkpointing import CheckpointingMixin, RolloutBuffer
 from .data import SOURCE_IMAGES_KEYWORD, RowIndexed, SourceImageRows, check_prompt_dataset, check_train_dataset
 from .ema import ParameterEMA
@@ -39,7 +40,7 @@ from .losses import flow_grpo_loss, grpo_guard_loss
 from .pipelines import get_adapter
 from .reference import ReferenceRefresh
 from .rollout_batch import RolloutBatch
-from .sampling import WindowSchedule, sample, step_log_prob
+from .sampling import WindowSchedule, sample, step_log_prob, steps_log_prob
 from .scoring import Scorer
 from .seeds import stable_seed
 from .utils import image_grid
@@ -71,11 +72,17 @@ def _load_pipeline(model: Any, init_kwargs: dict | None) -> Any:
     return DiffusionPipeline.from_pretrained(model, **init_kwargs)
 
 
-def _prepare_transformer(transformer: torch.nn.Module, peft_config: Any, args: FlowGRPOConfig) -> tuple[Any, Any]:
-    """Make `transformer` trainable: add the LoRA (trained in float32), or train it whole (with a frozen reference copy
-    when `beta > 0`); turn on diffusers' gradient checkpointing. Returns the reference copy (`None` with a LoRA, whose
-    reference is the network with its adapter disabled) and the args to give `transformers.Trainer`."""
+def _prepare_transformer(
+    transformer: torch.nn.Module, peft_config: Any, args: FlowGRPOConfig, repeated_blocks: tuple[str, ...] = ()
+) -> tuple[Any, Any]:
+    """Make `transformer` trainable: set its attention backend, add the LoRA (trained in float32), or train it whole
+    (with a frozen reference copy when `beta > 0`); turn on diffusers' gradient checkpointing; compile its repeated
+    blocks (`repeated_blocks`: the adapter's names, for a model class that lists none). Returns the reference copy
+    (`None` with a LoRA, whose reference is the network with its adapter disabled) and the args to give
+    `transformers.Trainer`."""
     ref_transformer = None
+    if args.attention_backend is not None:  # before the reference copy, which inherits it
+        acceleration.set_attention_backend(transformer, args.attention_backend)
     if peft_config is not None:
         if getattr(peft_config, "lora_dropout", 0.0):
             logger.warning(
@@ -98,6 +105,10 @@ def _prepare_transformer(transformer: torch.nn.Module, peft_config: Any, args: F
         args.gradient_checkpointing = False
         if hasattr(args, "activation_checkpointing"):
             args.activation_checkpointing = False
+    if args.compile_transformer:  # after the LoRA layers exist, so that they are compiled with their blocks
+        for module in (transformer, ref_transformer):
+            if module is not None:
+                acceleration.compile_blocks(module, repeated_blocks)
     return ref_transformer, args
 
 
@@ -191,7 +202,8 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                 f"{args.ref_model_sync_steps}). Train a LoRA (peft_config; its base is the adapter disabled), set "
                 "beta > 0 without ref_model_sync_steps, or set eval_hybrid_steps=None."
             )
-        self.ref_transformer, args = _prepare_transformer(transformer, peft_config, args)
+        self.ref_transformer, args = _prepare_transformer(transformer, peft_config, args, self.adapter.repeated_blocks)
+        self.adapter.offload_text_encoders = args.offload_text_encoders
 
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._last_samples: sample_logging.SampleTable | None = None  # this process's newest rollouts
@@ -209,9 +221,11 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             optimizers=optimizers,
         )
         device = self.accelerator.device
+        offloaded = self.adapter.text_encoders if args.offload_text_encoders else []
         for module in [*self.adapter.frozen_modules, self.ref_transformer]:
             if module is not None:
-                module.to(device)
+                # Offloaded text encoders wait on the CPU; `sample` moves them to the device while it encodes.
+                module.to("cpu" if any(module is encoder for encoder in offloaded) else device)
         self.train_sigmas = self.adapter.sigmas(args.num_inference_steps, args.height, args.width, device)
         self.sde_window = WindowSchedule.from_config(args)  # which steps are SDE at each iteration
         self.guidance_scale = args.guidance_scale
@@ -387,17 +401,23 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
     def training_step(
         self, model: torch.nn.Module, inputs: RolloutBatch, num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        """One micro-batch: each recorded SDE step is a forward + backward of its own (bounded memory)."""
+        """One micro-batch: its recorded SDE steps in chunks of `steps_per_backward`, each chunk one batched forward +
+        backward (by default one step per backward: bounded memory)."""
         model.train()
         steps = inputs.step_indices
         scale = len(steps) * self.current_gradient_accumulation_steps
+        size = self.args.steps_per_backward
+        chunks = [list(range(start, min(start + size, len(steps)))) for start in range(0, len(steps), size)]
         total = torch.zeros((), device=self.accelerator.device)
-        for k, step in enumerate(steps):
+        for c, ks in enumerate(chunks):
             # Synchronise gradients across processes only on the last backward of the micro-batch.
-            sync = contextlib.nullcontext() if k == len(steps) - 1 else self.accelerator.no_sync(model)
+            sync = contextlib.nullcontext() if c == len(chunks) - 1 else self.accelerator.no_sync(model)
             with sync:
                 with self.compute_loss_context_manager():
-                    loss = self._step_loss(model, inputs, k, step)
+                    if len(ks) == 1:
+                        loss = self._step_loss(model, inputs, ks[0], steps[ks[0]])
+                    else:
+                        loss = self._steps_loss(model, inputs, ks)
                 self.accelerator.backward(loss / scale)
             total += loss.detach()
         self._nonfinite.observe_loss(total)
@@ -422,10 +442,50 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                 guidance_scale=self.rollout_guidance,
             )
 
+        reference = None
         if args.beta > 0:  # first: a refreshed LoRA reference is swapped into the adapter, before autograd holds it
-            with torch.no_grad(), self._reference_model(model) as reference:
-                _, ref_mean, _, ref_velocity = transition(reference)
-        log_prob, mean, std, velocity = transition(model)
+            with torch.no_grad(), self._reference_model(model) as ref_model:
+                reference = transition(ref_model)
+        return self._transition_loss(inputs, k, step, transition(model), reference)
+
+    def _steps_loss(self, model: torch.nn.Module, inputs: RolloutBatch, ks: list[int]) -> torch.Tensor:
+        """The sum of `_step_loss` over the recorded steps `ks`, their forwards batched into one
+        (`sampling.steps_log_prob`, `steps_per_backward > 1`)."""
+        args = self.args
+        steps = [inputs.step_indices[k] for k in ks]
+
+        def transitions(transformer: torch.nn.Module):
+            return steps_log_prob(
+                self.adapter,
+                transformer,
+                inputs.cond,
+                self.train_sigmas,
+                steps,
+                inputs.latents[:, ks],
+                inputs.next_latents[:, ks],
+                noise_level=args.noise_level,
+                sde_type=args.sde_type,
+                guidance_scale=self.rollout_guidance,
+            )
+
+        references: list = [None] * len(ks)
+        if args.beta > 0:
+            with torch.no_grad(), self._reference_model(model) as ref_model:
+                references = transitions(ref_model)
+        policies = transitions(model)
+        losses = [
+            self._transition_loss(inputs, k, step, policy, reference)
+            for k, step, policy, reference in zip(ks, steps, policies, references)
+        ]
+        return torch.stack(losses).sum()
+
+    def _transition_loss(
+        self, inputs: RolloutBatch, k: int, step: int, current: tuple, reference: tuple | None
+    ) -> torch.Tensor:
+        """The loss of recorded step `k` from the current policy's `(log_prob, mean, std, velocity)` (and the
+        reference's when `beta > 0`); logs its ratio, clipping and KL metrics."""
+        args = self.args
+        log_prob, mean, std, velocity = current
         advantages, old_log_prob = inputs.advantages, inputs.log_probs[:, k]
         if args.loss_type == "grpo_guard":
             if inputs.means is None:
@@ -463,6 +523,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         metrics["approx_kl_old"].append(0.5 * (log_prob - old_log_prob).pow(2).mean().item())
 
         if args.beta > 0:
+            _, ref_mean, _, ref_velocity = reference
             dims = tuple(range(1, mean.dim()))
             if args.kl_type == "mean":
                 kl = ((mean - ref_mean) ** 2 / (2 * std**2)).mean(dim=dims)

@@ -5,13 +5,16 @@ never copies the pipeline's ``__call__``. Adding a family (FLUX, Qwen-Image, ...
 subclass, registered in ``trl_flow_grpo.pipelines.ADAPTERS``; the trainer has no ``if`` per family.
 """
 
+import contextlib
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import offload_models
 from PIL import Image
 
 Conditioning = dict[str, torch.Tensor]
@@ -33,9 +36,14 @@ class PipelineAdapter(ABC):
     edits_images: ClassVar[bool] = False
     """Whether the pipeline edits a source image (FLUX.1-Kontext): each dataset row then
     carries its source image (`source_image_column`) and `encode_source_images` adds it to the conditioning."""
+    repeated_blocks: ClassVar[tuple[str, ...]] = ()
+    """Class names of the transformer's repeated blocks, for regional compilation (`compile_transformer`) when the
+    diffusers model class lists none in its `_repeated_blocks`."""
 
     def __init__(self, pipeline: Any):
         self.pipeline = pipeline
+        self.offload_text_encoders = False
+        """Keep the text encoders on the CPU except inside `text_encoders_on` (set by the trainer)."""
         scheduler = pipeline.scheduler
         if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
             raise ValueError(
@@ -69,6 +77,26 @@ class PipelineAdapter(ABC):
         """Modules that are never trained (VAE, text encoders): kept in eval mode, without gradients."""
         names = [name for name, module in self.pipeline.components.items() if isinstance(module, torch.nn.Module)]
         return [self.pipeline.components[name] for name in names if name != "transformer"]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text encoders (components named `text_encoder*`), which only `encode_prompts` uses."""
+        components = self.pipeline.components
+        return [
+            module
+            for name, module in components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+        ]
+
+    @contextlib.contextmanager
+    def text_encoders_on(self, device: torch.device) -> Iterator[None]:
+        """Around `encode_prompts`: with `offload_text_encoders`, move the text encoders to `device` and back to
+        where they were (the CPU) afterwards (diffusers' `offload_models`); otherwise nothing."""
+        encoders = self.text_encoders if self.offload_text_encoders else []
+        with offload_models(*encoders, device=device, offload=bool(encoders)):
+            yield
+        if encoders and torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
 
     @abstractmethod
     def check_inputs(self, height: int, width: int) -> None:

@@ -23,6 +23,7 @@ class SD3Adapter(PipelineAdapter):
 
     pipeline_class = StableDiffusion3Pipeline
     default_guidance_scale = 4.5  # Flow-GRPO's SD3.5 setting
+    repeated_blocks = ("JointTransformerBlock",)  # diffusers' SD3Transformer2DModel lists no `_repeated_blocks`
 
     def check_inputs(self, height: int, width: int) -> None:
         factor, patch = self.pipeline.vae_scale_factor, self.pipeline.patch_size

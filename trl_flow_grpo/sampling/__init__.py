@@ -3,7 +3,7 @@
 
 from .dpm import ODE_SOLVERS, compressed_schedule, dpm_solver_pp_2m_step, num_tail_steps, solve_ode
 from .hybrid import hybrid_rollout
-from .rollout import Trajectory, rollout, step_log_prob
+from .rollout import Trajectory, rollout, step_log_prob, steps_log_prob
 from .sampler import Samples, sample
 from .steps import SDE_TYPES, ode_step, sde_step_with_logprob
 from .windows import WINDOW_SCHEDULES, WINDOW_TYPES, SDEWindow, WindowSchedule
@@ -27,4 +27,5 @@ __all__ = [
     "sde_step_with_logprob",
     "solve_ode",
     "step_log_prob",
+    "steps_log_prob",
 ]

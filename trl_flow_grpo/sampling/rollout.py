@@ -5,7 +5,8 @@ steps after the window may use a compressed schedule and DPM-Solver++(2M) (`dpm`
 
 `rollout` samples (no gradient) and returns a `Trajectory`; `step_log_prob` recomputes the log-probability of one
 recorded step with gradients, through the very same code path, so that on the first on-policy pass the ratio of
-new to old probabilities is exactly 1.
+new to old probabilities is exactly 1. `steps_log_prob` recomputes several recorded steps in one batched forward
+(`steps_per_backward`).
 """
 
 from collections.abc import Hashable, Sequence
@@ -206,3 +207,43 @@ def step_log_prob(
         v, latents, sigma, sigma_next, noise_level, sde_type, prev_sample=next_latents, sigma_1=sigmas[1]
     )
     return log_prob, mean, std, v
+
+
+def steps_log_prob(
+    adapter: "PipelineAdapter",
+    transformer: torch.nn.Module,
+    cond: "Conditioning",
+    sigmas: torch.Tensor,
+    steps: Sequence[int],
+    latents: torch.Tensor,
+    next_latents: torch.Tensor,
+    *,
+    noise_level: float,
+    sde_type: str,
+    guidance_scale: float,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`step_log_prob` of K recorded steps of the same B samples in one batched forward of K * B samples.
+
+    `latents` and `next_latents` are (B, K, *latent), the recorded transitions of `steps` (K grid steps, in that
+    order); `cond` is the B samples' conditioning. The K steps are stacked step-major (rows `k * B ... k * B + B - 1`
+    are step `k`), each row with its own sigma, and the result is split back: one `(log_prob, mean, std_dev_t,
+    velocity)` per step, equal to `step_log_prob`'s up to the batch-size dependence of the model's kernels. The
+    activations of the K steps are alive together: memory grows with K.
+    """
+    batch, num = latents.shape[0], len(steps)
+    if latents.shape[1] != num or next_latents.shape[1] != num:
+        raise ValueError(
+            f"latents {tuple(latents.shape)} and next_latents {tuple(next_latents.shape)} must hold the {num} steps "
+            f"{list(steps)} in their second dimension."
+        )
+    index = torch.as_tensor(list(steps), device=sigmas.device)
+    sigma = sigmas[index].repeat_interleave(batch)
+    sigma_next = sigmas[index + 1].repeat_interleave(batch)
+    x = latents.transpose(0, 1).reshape(num * batch, *latents.shape[2:])
+    x_next = next_latents.transpose(0, 1).reshape(num * batch, *next_latents.shape[2:])
+    stacked = {key: value.repeat(num, *([1] * (value.dim() - 1))) for key, value in cond.items()}
+    v = adapter.velocity(transformer, x, sigma, stacked, guidance_scale)
+    _, log_prob, mean, std = sde_step_with_logprob(
+        v, x, sigma, sigma_next, noise_level, sde_type, prev_sample=x_next, sigma_1=sigmas[1]
+    )
+    return list(zip(log_prob.split(batch), mean.split(batch), std.split(batch), v.split(batch)))

@@ -79,7 +79,8 @@ def sample(
             )
         if base_transformer is None:
             raise ValueError("hybrid_steps needs base_transformer, the base model's context manager.")
-    cond = adapter.encode_prompts(prompts, device, guidance_scale > 1, max_sequence_length)
+    with adapter.text_encoders_on(device):  # on the device only while encoding with `offload_text_encoders`
+        cond = adapter.encode_prompts(prompts, device, guidance_scale > 1, max_sequence_length)
     if source_images is not None:
         cond |= adapter.encode_source_images(source_images, noise)
     with autocast():
