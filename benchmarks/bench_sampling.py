@@ -12,6 +12,11 @@ Every method trains the same model (a LoRA on its transformer) on the same promp
 * peak memory: CUDA `max_memory_allocated` on GPU; on CPU the increase of the process's resident set size (RSS) over
   its value once the model is loaded, sampled every 5 ms (each method runs in its own process, so the figures do not
   leak into each other);
+* model FLOPs and their rate: the FLOPs of every transformer forward, from the shapes it was called with and the
+  model's configuration (`transformer_forward_flops`: SD3's joint blocks counted by formula, other families
+  2 x parameters x tokens), summed over the rollout and over the training, where each forward is counted 3 times
+  (forward + backward); divided by the measured rollout and training times, and by the device's peak (model FLOPs
+  utilisation, MFU) where it is known: `PEAK_TFLOPS` (bf16 dense) or `--peak-tflops`. On CPU only the achieved rate;
 * the ratio of each figure to Flow-GRPO's in the same run.
 
 The first iteration of each method is a warm-up and is not timed. MixGRPO's cost depends on where its window is (the
@@ -60,6 +65,66 @@ PROMPTS = [
 ]
 
 
+# Peak bf16 dense tensor throughput (TFLOP/s, no sparsity) by device name, from the vendor's data sheets. The first
+# entry whose key is in `torch.cuda.get_device_name()` wins, so the PCIe variant comes before the generic name.
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM
+    "H200": 989.0,
+    "A100": 312.0,
+}
+
+
+def peak_tflops(device_name: str, override: float | None = None) -> float | None:
+    """The device's peak bf16 dense TFLOP/s: `override` if given, else `PEAK_TFLOPS`'s entry, else None (CPU,
+    unknown GPUs: only the achieved rate is reported)."""
+    if override is not None:
+        return override
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in device_name), None)
+
+
+def sd3_forward_flops(config, image_tokens: int, text_tokens: int) -> float:
+    """FLOPs of one `SD3Transformer2DModel` forward of one sample (a multiply-add counts 2), from its configuration.
+
+    With d = `num_attention_heads` x `attention_head_dim`, N image tokens (latent pixels / `patch_size`^2), M text
+    tokens and L = N + M, each joint block costs
+
+    * image stream: q, k, v and output projections 4 x 2Nd^2, MLP (4x wide) 2 x 2N x 4d^2: 24Nd^2;
+    * text stream: the same, 24Md^2; in the last block (`context_pre_only`) only q, k, v: 6Md^2;
+    * joint attention over L tokens: QK^T and AV, 4L^2d;
+    * SD3.5's second attention (blocks in `dual_attention_layers`), image tokens only: 8Nd^2 + 4N^2d;
+
+    plus the patch embedding 2N(p^2 C_in)d, the text projection 2M x `joint_attention_dim` x d and the output
+    projection 2Nd(p^2 C_out). Per-sample terms (timestep and pooled embeddings, AdaLN modulations) and norms are
+    left out: they do not grow with the tokens and are below 1% at real sizes.
+    """
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    n, m, layers, p = image_tokens, text_tokens, config["num_layers"], config["patch_size"]
+    dual = set(config.get("dual_attention_layers") or ())
+    flops = 0.0
+    for layer in range(layers):
+        flops += 24 * n * d**2 + (6 if layer == layers - 1 else 24) * m * d**2 + 4 * (n + m) ** 2 * d
+        if layer in dual:
+            flops += 8 * n * d**2 + 4 * n**2 * d
+    flops += 2 * n * p * p * config["in_channels"] * d + 2 * m * config["joint_attention_dim"] * d
+    flops += 2 * n * d * p * p * (config["out_channels"] or config["in_channels"])
+    return float(flops)
+
+
+def transformer_forward_flops(transformer, hidden_states, encoder_hidden_states) -> float:
+    """FLOPs of one forward of `transformer` on these inputs (the whole batch): `sd3_forward_flops` for SD3 (latents
+    (B, C, H, W)), else the fallback 2 x parameters x (image + text tokens) per sample (FLUX and Qwen-Image pass
+    packed tokens (B, N, C); it leaves out the attention's L^2 term)."""
+    batch = hidden_states.shape[0]
+    text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+    if type(transformer).__name__.endswith("SD3Transformer2DModel") and hidden_states.dim() == 4:
+        p = transformer.config.patch_size
+        image = hidden_states.shape[2] * hidden_states.shape[3] // (p * p)
+        return batch * sd3_forward_flops(transformer.config, image, text)
+    params = sum(p.numel() for p in transformer.parameters())
+    return batch * 2.0 * params * (hidden_states.shape[1] + text)
+
+
 @dataclass
 class Result:
     method: str
@@ -75,6 +140,12 @@ class Result:
     peak_memory_mb: float
     memory_kind: str
     device: str
+    rollout_tflop: float  # per iteration: model TFLOPs of the rollout's forwards
+    train_tflop: float  # per iteration: 3 x the training forwards' TFLOPs (forward + backward)
+    rollout_tflops: float  # achieved TFLOP/s
+    train_tflops: float
+    rollout_mfu: float | None  # achieved / peak; None where the peak is unknown (CPU)
+    train_mfu: float | None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,6 +181,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch CPU threads (default: torch's). On a shared machine use 1: OpenMP threads that wait for a busy "
         "core make CPU timings erratic.",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="The device's peak TFLOP/s for MFU (default: PEAK_TFLOPS's bf16 dense figure for H100/H200/A100).",
     )
     parser.add_argument("--in-process", action="store_true", help="Run every method in this process.")
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
@@ -361,12 +438,16 @@ def run_method(args: argparse.Namespace, method: str) -> Result:
         phase = {"name": "train"}
         counts = {"rollout": [], "train": []}  # per iteration
         current = {"rollout": 0, "train": 0}
+        flops = {"rollout": [], "train": []}  # per iteration
+        current_flops = {"rollout": 0.0, "train": 0.0}
+        transformer = trainer.accelerator.unwrap_model(trainer.model)
 
         def count(module, positional, kwargs):
             hidden = kwargs.get("hidden_states", positional[0] if positional else None)
             current[phase["name"]] += hidden.shape[0]
+            text = kwargs.get("encoder_hidden_states")
+            current_flops[phase["name"]] += transformer_forward_flops(transformer, hidden, text)
 
-        transformer = trainer.accelerator.unwrap_model(trainer.model)
         handle = transformer.register_forward_pre_hook(count, with_kwargs=True)
 
         rollout_times: list[float] = []
@@ -400,6 +481,8 @@ def run_method(args: argparse.Namespace, method: str) -> Result:
                 for key in current:
                     counts[key].append(current[key])
                     current[key] = 0
+                    flops[key].append(current_flops[key])
+                    current_flops[key] = 0.0
 
         trainer.add_callback(Timer())
         if device.startswith("cuda"):
@@ -416,9 +499,14 @@ def run_method(args: argparse.Namespace, method: str) -> Result:
     cpu_s = (cpu_ends[-1] - cpu_ends[0]) / n
     rollout_s = sum(rollout_times[timed]) / n
     if device.startswith("cuda"):
-        peak, kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"
+        memory, kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"
     else:
-        peak, kind = (rss.peak - baseline) / 2**20, "CPU peak RSS increase"
+        memory, kind = (rss.peak - baseline) / 2**20, "CPU peak RSS increase"
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    peak = peak_tflops(name, args.peak_tflops) if device.startswith("cuda") or args.peak_tflops else None
+    rollout_tflop = sum(flops["rollout"][timed]) / n / 1e12
+    train_tflop = 3 * sum(flops["train"][timed]) / n / 1e12
+    rollout_rate, train_rate = rollout_tflop / rollout_s, train_tflop / max(time_s - rollout_s, 1e-9)
     return Result(
         method=method,
         label=METHODS[method][0],
@@ -430,9 +518,15 @@ def run_method(args: argparse.Namespace, method: str) -> Result:
         rollout_s=rollout_s,
         train_s=time_s - rollout_s,
         iteration_times_s=[b - a for a, b in zip(step_ends, step_ends[1:])],
-        peak_memory_mb=peak,
+        peak_memory_mb=memory,
         memory_kind=kind,
-        device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        device=name,
+        rollout_tflop=rollout_tflop,
+        train_tflop=train_tflop,
+        rollout_tflops=rollout_rate,
+        train_tflops=train_rate,
+        rollout_mfu=rollout_rate / peak if peak else None,
+        train_mfu=train_rate / peak if peak else None,
     )
 
 
@@ -468,6 +562,18 @@ def format_table(args: argparse.Namespace, results: list[Result]) -> str:
             f"| {r.label} | {describe(args, r.method)} | {r.rollout_calls:.0f} | {r.train_calls:.0f} | "
             f"{r.time_s:.2f} | {r.rollout_s:.2f} | {r.train_s:.2f} | {r.cpu_s:.2f} | {r.peak_memory_mb:.0f} | "
             f"{calls / base_calls:.2f} | {r.time_s / base.time_s:.2f} | {r.cpu_s / base.cpu_s:.2f} | {mem_ratio:.2f} |"
+        )
+    lines += [
+        "",
+        "| method | rollout TFLOP/it | train TFLOP/it (3x fwd) | rollout TFLOP/s | train TFLOP/s | rollout MFU |"
+        " train MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        mfu = [f"{x:.1%}" if x is not None else "n/a" for x in (r.rollout_mfu, r.train_mfu)]
+        lines.append(
+            f"| {r.label} | {r.rollout_tflop:.4g} | {r.train_tflop:.4g} | {r.rollout_tflops:.4g} | "
+            f"{r.train_tflops:.4g} | {mfu[0]} | {mfu[1]} |"
         )
     lines.append("")
     lines.append("Windows of the timed iterations: " + "; ".join(f"{r.label} {r.windows}" for r in results))
