@@ -163,13 +163,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=64, help="Image height and width.")
     parser.add_argument(
         "--transformer",
-        choices=["tiny", "small", "sd35m"],
+        choices=["tiny", "small", "sd35m", "flux", "qwen_image"],
         default="small",
         help="Without --model: the tiny pipeline's 2-layer transformer; a 4-layer one 16x wider, so that the "
         "transformer dominates the cost as in real models; or `sd35m`, a pipeline the size of SD3.5-Medium with "
-        "random weights (see `sd35_medium_sized_pipeline`), for GPU figures without downloading weights.",
+        "random weights (see `sd35_medium_sized_pipeline`), for GPU figures without downloading weights; or `flux` / "
+        "`qwen_image`, a FLUX.1- / Qwen-Image-wide transformer with fewer layers in the tiny pipeline of its family "
+        "(see `family_sized_pipeline`).",
     )
-    parser.add_argument("--num-layers", type=int, default=None, help="With --transformer sd35m: fewer layers (tests).")
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="With --transformer sd35m / flux / qwen_image: the (double-stream) layers (defaults 24 / 5 / 8).",
+    )
+    parser.add_argument(
+        "--num-heads", type=int, default=24, help="With --transformer flux / qwen_image: heads of 128 (24; tests: 1)."
+    )
     parser.add_argument("--cfg", action="store_true", help="Classifier-free guidance in rollouts and training.")
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (MixGRPO uses 0).")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations in backward.")
@@ -210,6 +220,9 @@ def build_pipeline(args: argparse.Namespace, device: str):
 
     if args.transformer == "sd35m":
         return sd35_medium_sized_pipeline(args.resolution, device, num_layers=args.num_layers or 24)
+    if args.transformer in ("flux", "qwen_image"):
+        layers = args.num_layers or {"flux": 5, "qwen_image": 8}[args.transformer]
+        return family_sized_pipeline(args.transformer, args.resolution, device, layers, args.num_heads)
     pipe = make_tiny_sd3_pipeline(seed=0, sample_size=args.resolution)
     if args.transformer == "small":
         tiny = pipe.transformer.config
@@ -338,6 +351,36 @@ def sd35_medium_sized_pipeline(resolution: int, device: str, num_layers: int = 2
     )
 
 
+def family_sized_pipeline(family: str, resolution: int, device: str, num_layers: int, num_heads: int = 24):
+    """The tiny offline pipeline of `family` (`trl_flow_grpo.testing`) with its transformer rebuilt from its own
+    configuration at the real model's width: `num_heads` heads of 128 (FLUX.1 and Qwen-Image: 24, 3072 wide), rotary
+    axes (16, 56, 56), `num_layers` double-stream blocks (the real models: FLUX.1 19 + 38 single-stream, here
+    `num_layers` + `2 * num_layers`; Qwen-Image 60). Random weights, bf16 on a GPU.
+
+    The VAE and text encoders stay tiny, so their cost is left out, and the tiny VAE downsamples 2x instead of 8x:
+    `resolution` 128 gives the 1024 image tokens that 512 px gives the real models. The text input keeps the tiny
+    width (the text projection's cost, 2 x tokens x width x 3072, is small next to the blocks').
+    """
+    import torch
+
+    from trl_flow_grpo import testing
+
+    build = {"flux": testing.make_tiny_flux_pipeline, "qwen_image": testing.make_tiny_qwen_image_pipeline}[family]
+    pipe = build(seed=0, sample_size=resolution)
+    tiny = pipe.transformer
+    sized = {"num_layers": num_layers, "attention_head_dim": 128, "num_attention_heads": num_heads}
+    sized["axes_dims_rope"] = (16, 56, 56)
+    if family == "flux":
+        sized["num_single_layers"] = 2 * num_layers
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(1)
+        transformer = type(tiny).from_config({**tiny.config, **sized})
+    torch.nn.Module.to(transformer, dtype=dtype)
+    pipe.register_modules(transformer=transformer.eval())
+    return pipe
+
+
 def method_config(args: argparse.Namespace, method: str, output_dir: str, device: str):
     from trl_flow_grpo import FlowGRPOConfig
 
@@ -366,7 +409,9 @@ def method_config(args: argparse.Namespace, method: str, output_dir: str, device
         height=args.resolution,
         width=args.resolution,
         max_steps=args.iterations + 1,
-        max_sequence_length=256 if args.model is not None or args.transformer == "sd35m" else 16,
+        max_sequence_length=256
+        if args.model is not None or args.transformer in ("sd35m", "flux", "qwen_image")
+        else 16,
         train_cfg=args.cfg,
         gradient_checkpointing=args.gradient_checkpointing,
         beta=args.beta,
