@@ -12,6 +12,11 @@ Every method trains the same model (a LoRA on its transformer) on the same promp
 * peak memory: CUDA `max_memory_allocated` on GPU; on CPU the increase of the process's resident set size (RSS) over
   its value once the model is loaded, sampled every 5 ms (each method runs in its own process, so the figures do not
   leak into each other);
+* model FLOPs and their rate: the FLOPs of every transformer forward, from the shapes it was called with and the
+  model's configuration (`transformer_forward_flops`: SD3's joint blocks counted by formula, other families
+  2 x parameters x tokens), summed over the rollout and over the training, where each forward is counted 3 times
+  (forward + backward); divided by the measured rollout and training times, and by the device's peak (model FLOPs
+  utilisation, MFU) where it is known: `PEAK_TFLOPS` (bf16 dense) or `--peak-tflops`. On CPU only the achieved rate;
 * the ratio of each figure to Flow-GRPO's in the same run.
 
 The first iteration of each method is a warm-up and is not timed. MixGRPO's cost depends on where its window is (the
@@ -60,6 +65,66 @@ PROMPTS = [
 ]
 
 
+# Peak bf16 dense tensor throughput (TFLOP/s, no sparsity) by device name, from the vendor's data sheets. The first
+# entry whose key is in `torch.cuda.get_device_name()` wins, so the PCIe variant comes before the generic name.
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM
+    "H200": 989.0,
+    "A100": 312.0,
+}
+
+
+def peak_tflops(device_name: str, override: float | None = None) -> float | None:
+    """The device's peak bf16 dense TFLOP/s: `override` if given, else `PEAK_TFLOPS`'s entry, else None (CPU,
+    unknown GPUs: only the achieved rate is reported)."""
+    if override is not None:
+        return override
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in device_name), None)
+
+
+def sd3_forward_flops(config, image_tokens: int, text_tokens: int) -> float:
+    """FLOPs of one `SD3Transformer2DModel` forward of one sample (a multiply-add counts 2), from its configuration.
+
+    With d = `num_attention_heads` x `attention_head_dim`, N image tokens (latent pixels / `patch_size`^2), M text
+    tokens and L = N + M, each joint block costs
+
+    * image stream: q, k, v and output projections 4 x 2Nd^2, MLP (4x wide) 2 x 2N x 4d^2: 24Nd^2;
+    * text stream: the same, 24Md^2; in the last block (`context_pre_only`) only q, k, v: 6Md^2;
+    * joint attention over L tokens: QK^T and AV, 4L^2d;
+    * SD3.5's second attention (blocks in `dual_attention_layers`), image tokens only: 8Nd^2 + 4N^2d;
+
+    plus the patch embedding 2N(p^2 C_in)d, the text projection 2M x `joint_attention_dim` x d and the output
+    projection 2Nd(p^2 C_out). Per-sample terms (timestep and pooled embeddings, AdaLN modulations) and norms are
+    left out: they do not grow with the tokens and are below 1% at real sizes.
+    """
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    n, m, layers, p = image_tokens, text_tokens, config["num_layers"], config["patch_size"]
+    dual = set(config.get("dual_attention_layers") or ())
+    flops = 0.0
+    for layer in range(layers):
+        flops += 24 * n * d**2 + (6 if layer == layers - 1 else 24) * m * d**2 + 4 * (n + m) ** 2 * d
+        if layer in dual:
+            flops += 8 * n * d**2 + 4 * n**2 * d
+    flops += 2 * n * p * p * config["in_channels"] * d + 2 * m * config["joint_attention_dim"] * d
+    flops += 2 * n * d * p * p * (config["out_channels"] or config["in_channels"])
+    return float(flops)
+
+
+def transformer_forward_flops(transformer, hidden_states, encoder_hidden_states) -> float:
+    """FLOPs of one forward of `transformer` on these inputs (the whole batch): `sd3_forward_flops` for SD3 (latents
+    (B, C, H, W)), else the fallback 2 x parameters x (image + text tokens) per sample (FLUX and Qwen-Image pass
+    packed tokens (B, N, C); it leaves out the attention's L^2 term)."""
+    batch = hidden_states.shape[0]
+    text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
+    if type(transformer).__name__.endswith("SD3Transformer2DModel") and hidden_states.dim() == 4:
+        p = transformer.config.patch_size
+        image = hidden_states.shape[2] * hidden_states.shape[3] // (p * p)
+        return batch * sd3_forward_flops(transformer.config, image, text)
+    params = sum(p.numel() for p in transformer.parameters())
+    return batch * 2.0 * params * (hidden_states.shape[1] + text)
+
+
 @dataclass
 class Result:
     method: str
@@ -75,6 +140,12 @@ class Result:
     peak_memory_mb: float
     memory_kind: str
     device: str
+    rollout_tflop: float  # per iteration: model TFLOPs of the rollout's forwards
+    train_tflop: float  # per iteration: 3 x the training forwards' TFLOPs (forward + backward)
+    rollout_tflops: float  # achieved TFLOP/s
+    train_tflops: float
+    rollout_mfu: float | None  # achieved / peak; None where the peak is unknown (CPU)
+    train_mfu: float | None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,13 +163,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=64, help="Image height and width.")
     parser.add_argument(
         "--transformer",
-        choices=["tiny", "small", "sd35m"],
+        choices=["tiny", "small", "sd35m", "flux", "qwen_image"],
         default="small",
         help="Without --model: the tiny pipeline's 2-layer transformer; a 4-layer one 16x wider, so that the "
         "transformer dominates the cost as in real models; or `sd35m`, a pipeline the size of SD3.5-Medium with "
-        "random weights (see `sd35_medium_sized_pipeline`), for GPU figures without downloading weights.",
+        "random weights (see `sd35_medium_sized_pipeline`), for GPU figures without downloading weights; or `flux` / "
+        "`qwen_image`, a FLUX.1- / Qwen-Image-wide transformer with fewer layers in the tiny pipeline of its family "
+        "(see `family_sized_pipeline`).",
     )
-    parser.add_argument("--num-layers", type=int, default=None, help="With --transformer sd35m: fewer layers (tests).")
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        help="With --transformer sd35m / flux / qwen_image: the (double-stream) layers (defaults 24 / 5 / 8).",
+    )
+    parser.add_argument(
+        "--num-heads", type=int, default=24, help="With --transformer flux / qwen_image: heads of 128 (24; tests: 1)."
+    )
     parser.add_argument("--cfg", action="store_true", help="Classifier-free guidance in rollouts and training.")
     parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (MixGRPO uses 0).")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations in backward.")
@@ -110,6 +191,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch CPU threads (default: torch's). On a shared machine use 1: OpenMP threads that wait for a busy "
         "core make CPU timings erratic.",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="The device's peak TFLOP/s for MFU (default: PEAK_TFLOPS's bf16 dense figure for H100/H200/A100).",
     )
     parser.add_argument("--in-process", action="store_true", help="Run every method in this process.")
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
@@ -133,6 +220,9 @@ def build_pipeline(args: argparse.Namespace, device: str):
 
     if args.transformer == "sd35m":
         return sd35_medium_sized_pipeline(args.resolution, device, num_layers=args.num_layers or 24)
+    if args.transformer in ("flux", "qwen_image"):
+        layers = args.num_layers or {"flux": 5, "qwen_image": 8}[args.transformer]
+        return family_sized_pipeline(args.transformer, args.resolution, device, layers, args.num_heads)
     pipe = make_tiny_sd3_pipeline(seed=0, sample_size=args.resolution)
     if args.transformer == "small":
         tiny = pipe.transformer.config
@@ -261,6 +351,36 @@ def sd35_medium_sized_pipeline(resolution: int, device: str, num_layers: int = 2
     )
 
 
+def family_sized_pipeline(family: str, resolution: int, device: str, num_layers: int, num_heads: int = 24):
+    """The tiny offline pipeline of `family` (`trl_flow_grpo.testing`) with its transformer rebuilt from its own
+    configuration at the real model's width: `num_heads` heads of 128 (FLUX.1 and Qwen-Image: 24, 3072 wide), rotary
+    axes (16, 56, 56), `num_layers` double-stream blocks (the real models: FLUX.1 19 + 38 single-stream, here
+    `num_layers` + `2 * num_layers`; Qwen-Image 60). Random weights, bf16 on a GPU.
+
+    The VAE and text encoders stay tiny, so their cost is left out, and the tiny VAE downsamples 2x instead of 8x:
+    `resolution` 128 gives the 1024 image tokens that 512 px gives the real models. The text input keeps the tiny
+    width (the text projection's cost, 2 x tokens x width x 3072, is small next to the blocks').
+    """
+    import torch
+
+    from trl_flow_grpo import testing
+
+    build = {"flux": testing.make_tiny_flux_pipeline, "qwen_image": testing.make_tiny_qwen_image_pipeline}[family]
+    pipe = build(seed=0, sample_size=resolution)
+    tiny = pipe.transformer
+    sized = {"num_layers": num_layers, "attention_head_dim": 128, "num_attention_heads": num_heads}
+    sized["axes_dims_rope"] = (16, 56, 56)
+    if family == "flux":
+        sized["num_single_layers"] = 2 * num_layers
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(1)
+        transformer = type(tiny).from_config({**tiny.config, **sized})
+    torch.nn.Module.to(transformer, dtype=dtype)
+    pipe.register_modules(transformer=transformer.eval())
+    return pipe
+
+
 def method_config(args: argparse.Namespace, method: str, output_dir: str, device: str):
     from trl_flow_grpo import FlowGRPOConfig
 
@@ -289,7 +409,9 @@ def method_config(args: argparse.Namespace, method: str, output_dir: str, device
         height=args.resolution,
         width=args.resolution,
         max_steps=args.iterations + 1,
-        max_sequence_length=256 if args.model is not None or args.transformer == "sd35m" else 16,
+        max_sequence_length=256
+        if args.model is not None or args.transformer in ("sd35m", "flux", "qwen_image")
+        else 16,
         train_cfg=args.cfg,
         gradient_checkpointing=args.gradient_checkpointing,
         beta=args.beta,
@@ -361,12 +483,16 @@ def run_method(args: argparse.Namespace, method: str) -> Result:
         phase = {"name": "train"}
         counts = {"rollout": [], "train": []}  # per iteration
         current = {"rollout": 0, "train": 0}
+        flops = {"rollout": [], "train": []}  # per iteration
+        current_flops = {"rollout": 0.0, "train": 0.0}
+        transformer = trainer.accelerator.unwrap_model(trainer.model)
 
         def count(module, positional, kwargs):
             hidden = kwargs.get("hidden_states", positional[0] if positional else None)
             current[phase["name"]] += hidden.shape[0]
+            text = kwargs.get("encoder_hidden_states")
+            current_flops[phase["name"]] += transformer_forward_flops(transformer, hidden, text)
 
-        transformer = trainer.accelerator.unwrap_model(trainer.model)
         handle = transformer.register_forward_pre_hook(count, with_kwargs=True)
 
         rollout_times: list[float] = []
@@ -400,6 +526,8 @@ def run_method(args: argparse.Namespace, method: str) -> Result:
                 for key in current:
                     counts[key].append(current[key])
                     current[key] = 0
+                    flops[key].append(current_flops[key])
+                    current_flops[key] = 0.0
 
         trainer.add_callback(Timer())
         if device.startswith("cuda"):
@@ -416,9 +544,14 @@ def run_method(args: argparse.Namespace, method: str) -> Result:
     cpu_s = (cpu_ends[-1] - cpu_ends[0]) / n
     rollout_s = sum(rollout_times[timed]) / n
     if device.startswith("cuda"):
-        peak, kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"
+        memory, kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max_memory_allocated"
     else:
-        peak, kind = (rss.peak - baseline) / 2**20, "CPU peak RSS increase"
+        memory, kind = (rss.peak - baseline) / 2**20, "CPU peak RSS increase"
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    peak = peak_tflops(name, args.peak_tflops) if device.startswith("cuda") or args.peak_tflops else None
+    rollout_tflop = sum(flops["rollout"][timed]) / n / 1e12
+    train_tflop = 3 * sum(flops["train"][timed]) / n / 1e12
+    rollout_rate, train_rate = rollout_tflop / rollout_s, train_tflop / max(time_s - rollout_s, 1e-9)
     return Result(
         method=method,
         label=METHODS[method][0],
@@ -430,9 +563,15 @@ def run_method(args: argparse.Namespace, method: str) -> Result:
         rollout_s=rollout_s,
         train_s=time_s - rollout_s,
         iteration_times_s=[b - a for a, b in zip(step_ends, step_ends[1:])],
-        peak_memory_mb=peak,
+        peak_memory_mb=memory,
         memory_kind=kind,
-        device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        device=name,
+        rollout_tflop=rollout_tflop,
+        train_tflop=train_tflop,
+        rollout_tflops=rollout_rate,
+        train_tflops=train_rate,
+        rollout_mfu=rollout_rate / peak if peak else None,
+        train_mfu=train_rate / peak if peak else None,
     )
 
 
@@ -468,6 +607,18 @@ def format_table(args: argparse.Namespace, results: list[Result]) -> str:
             f"| {r.label} | {describe(args, r.method)} | {r.rollout_calls:.0f} | {r.train_calls:.0f} | "
             f"{r.time_s:.2f} | {r.rollout_s:.2f} | {r.train_s:.2f} | {r.cpu_s:.2f} | {r.peak_memory_mb:.0f} | "
             f"{calls / base_calls:.2f} | {r.time_s / base.time_s:.2f} | {r.cpu_s / base.cpu_s:.2f} | {mem_ratio:.2f} |"
+        )
+    lines += [
+        "",
+        "| method | rollout TFLOP/it | train TFLOP/it (3x fwd) | rollout TFLOP/s | train TFLOP/s | rollout MFU |"
+        " train MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        mfu = [f"{x:.1%}" if x is not None else "n/a" for x in (r.rollout_mfu, r.train_mfu)]
+        lines.append(
+            f"| {r.label} | {r.rollout_tflop:.4g} | {r.train_tflop:.4g} | {r.rollout_tflops:.4g} | "
+            f"{r.train_tflops:.4g} | {mfu[0]} | {mfu[1]} |"
         )
     lines.append("")
     lines.append("Windows of the timed iterations: " + "; ".join(f"{r.label} {r.windows}" for r in results))

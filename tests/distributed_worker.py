@@ -40,6 +40,41 @@ class BrighterWins:
         return [float(a > b) for a, b in zip(brightness(images_a), brightness(images_b))]
 
 
+# What `accelerate launch` sets from `accelerate_configs/fsdp2.yaml` (mixed precision left out: fp32 on CPU).
+FSDP2_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_TRANSFORMER_CLS_TO_WRAP": "JointTransformerBlock",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT",
+    "FSDP_OFFLOAD_PARAMS": "false",
+    "FSDP_ACTIVATION_CHECKPOINTING": "false",
+}
+
+
+def _force_fsdp2() -> None:
+    """FSDP2 on CPU processes. PyTorch's `fully_shard` runs on CPU with gloo, but Accelerate (1.15) only turns
+    `ACCELERATE_USE_FSDP` into FSDP for GPU-like distributed types: on CPU it keeps `MULTI_CPU` (plain DDP) without a
+    word. This switches the state to FSDP once Accelerate built it, so that everything after (the Trainer's
+    `is_fsdp_enabled`, `prepare`'s `fully_shard` of every `JointTransformerBlock`, the full state dict at save time)
+    is Accelerate's own FSDP2 path, as on GPUs."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ.update(FSDP2_ENV)
+    init = AcceleratorState.__init__
+
+    def patched(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # later states copy it from here
+
+    AcceleratorState.__init__ = patched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -53,7 +88,11 @@ def main() -> None:
     parser.add_argument("--signal_at", type=int, default=0, help="during the N-th generation batch (1-based) ...")
     parser.add_argument("--signal_ranks", type=int, nargs="*", default=[], help="... these ranks send SIGTERM to self")
     parser.add_argument("--marker", default=None, help="... or rank 0 writes this file and waits for a signal")
+    parser.add_argument("--fsdp2", action="store_true", help="shard the transformer with FSDP2 (see _force_fsdp2)")
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of a LoRA")
     cli = parser.parse_args()
+    if cli.fsdp2:
+        _force_fsdp2()
     torch.set_num_threads(1)
 
     args = FlowGRPOConfig(
@@ -86,7 +125,7 @@ def main() -> None:
         reward_funcs=brightness,
         args=args,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-        peft_config=tiny_lora_config(),
+        peft_config=None if cli.full else tiny_lora_config(),
         preference_funcs=[judge] if cli.preference else None,
     )
     record = {"micro_batches": [], "windows": []}
@@ -126,6 +165,8 @@ def main() -> None:
     record["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     record["rewards"] = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     record["num_processes"] = trainer.accelerator.num_processes
+    record["distributed_type"] = trainer.accelerator.distributed_type.value
+    record["sharded"] = type(trainer.model).__name__
     record["preference_queries"] = judge.queries
     with open(os.path.join(cli.out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)

@@ -1,4 +1,5 @@
-"""Real multi-process training: 2 CPU processes (gloo, launched with torchrun as `accelerate launch` does on GPUs).
+"""Real multi-process training: 2 CPU processes (gloo, launched with torchrun as `accelerate launch` does on GPUs),
+with DDP and with FSDP2.
 
 A group of 4 images spans two processes (2 images per micro-batch). Two processes with gradient accumulation 2 see the
 same generation batch as one process with accumulation 4; with noise seeded by the global micro-batch index they also
@@ -17,6 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from trl_flow_grpo.testing import make_tiny_sd3_pipeline
+
+pytestmark = pytest.mark.distributed  # several processes, minutes: `pytest -m "not distributed"` leaves them out
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -192,3 +197,54 @@ def test_resume_between_iterations_uses_each_process_rollouts(tmp_path):
     assert {"rollout_buffer_0.safetensors", "rollout_buffer_1.safetensors"} <= set(os.listdir(checkpoint))
     _run(tmp_path / "resumed", 2, 2, *common, "--resume", str(checkpoint))
     _assert_same_lora(_lora(tmp_path / "resumed" / "final"), _lora(tmp_path / "straight" / "final"))
+
+
+# ------------------------------------------------------------------------------------------------------------ FSDP2
+# The worker's `--fsdp2` sets what `accelerate launch --config_file accelerate_configs/fsdp2.yaml` sets and lifts
+# Accelerate's CPU restriction (see `_force_fsdp2`): PyTorch's `fully_shard` shards every JointTransformerBlock over
+# the 2 gloo processes, the rollout calls the sharded module, saving gathers the full state dict.
+
+
+def test_fsdp2_lora_trains_like_one_process_saves_and_resumes_exactly(runs, tmp_path):
+    root, one, _ = runs
+    straight = _run(tmp_path / "straight", 2, 2, "--fsdp2", "--max_steps", "3", "--save_steps", "2")
+    assert all(r["distributed_type"] == "FSDP" and r["sharded"].startswith("FSDP") for r in straight)
+    # The first two steps are the fixture's one-process run (same images and advantages, sharded gradients).
+    torch.testing.assert_close(
+        torch.tensor(straight[0]["losses"][:2]), torch.tensor(one["losses"]), atol=1e-8, rtol=1e-4
+    )
+    assert [mb["noise"] for mb in _global_order(straight, 0)] == [mb["noise"] for mb in one["micro_batches"][:4]]
+    checkpoint = tmp_path / "straight" / "run" / "checkpoint-2"
+    single, sharded = _lora(root / "one" / "final"), _lora(checkpoint)  # both after 2 steps
+    assert single.keys() == sharded.keys()
+    for key in single:
+        error = (sharded[key] - single[key]).norm() / single[key].norm().clamp(min=1e-12)
+        assert error < 1e-3, (key, error.item())
+    resumed = _run(tmp_path / "resumed", 2, 2, "--fsdp2", "--max_steps", "3", "--resume", str(checkpoint))
+    assert all(r["global_step"] == 3 for r in resumed)
+    _assert_same_lora(_lora(tmp_path / "resumed" / "final"), _lora(tmp_path / "straight" / "final"))
+    assert not torch.equal(next(iter(_lora(checkpoint).values())), next(iter(single.values())))  # it trained
+
+
+def _transformer(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_fsdp2_full_fine_tuning_matches_one_process_and_resumes_exactly(tmp_path):
+    one = _run(tmp_path / "one", 1, 4, "--full")[0]
+    straight = _run(tmp_path / "straight", 2, 2, "--full", "--fsdp2", "--max_steps", "3", "--save_steps", "2")
+    torch.testing.assert_close(
+        torch.tensor(straight[0]["losses"][:2]), torch.tensor(one["losses"]), atol=1e-8, rtol=1e-4
+    )
+    checkpoint = tmp_path / "straight" / "run" / "checkpoint-2"
+    single, sharded = _transformer(tmp_path / "one" / "final"), _transformer(checkpoint)  # gathered from the shards
+    initial = make_tiny_sd3_pipeline(seed=0).transformer.state_dict()
+    assert single.keys() == sharded.keys() == initial.keys()
+    changed = [key for key in single if not torch.equal(single[key], initial[key])]
+    assert len(changed) > len(single) // 2  # full fine-tuning: most tensors moved
+    for key in changed:
+        error = (sharded[key] - single[key]).norm() / (single[key] - initial[key]).norm()  # relative to the update
+        assert error < 1e-2, (key, error.item())
+    _run(tmp_path / "resumed", 2, 2, "--full", "--fsdp2", "--max_steps", "3", "--resume", str(checkpoint))
+    resumed, final = _transformer(tmp_path / "resumed" / "final"), _transformer(tmp_path / "straight" / "final")
+    assert all(torch.equal(resumed[key], final[key]) for key in final)

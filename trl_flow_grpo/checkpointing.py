@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from torch.utils.data import Sampler
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -67,7 +68,8 @@ def save_weights(
     transformer: torch.nn.Module, adapter: Any, output_dir: str, is_lora: bool, state_dict: dict | None = None
 ) -> None:
     """Write the trained weights of `transformer` in diffusers' format: the LoRA through the pipeline family's
-    `save_lora_weights`, or the whole transformer in `transformer/`."""
+    `save_lora_weights`, or the whole transformer in `transformer/`. `state_dict`, when given, holds the full weights
+    (the Trainer gathers them under FSDP / DeepSpeed) and is written instead of the module's own."""
     os.makedirs(output_dir, exist_ok=True)
     if is_lora:
         from peft.utils import get_peft_model_state_dict
@@ -75,8 +77,14 @@ def save_weights(
         lora_state = get_peft_model_state_dict(transformer, state_dict=state_dict)
         metadata = transformer.peft_config["default"].to_dict()
         adapter.save_lora_weights(output_dir, lora_state, metadata)
-    else:
+    elif state_dict is None:
         transformer.save_pretrained(os.path.join(output_dir, TRANSFORMER_FOLDER), safe_serialization=True)
+    else:  # gathered by the Trainer (FSDP's full state dict): the module itself holds only this process's shards
+        folder = os.path.join(output_dir, TRANSFORMER_FOLDER)
+        os.makedirs(folder, exist_ok=True)
+        transformer.save_config(folder)
+        weights = {key: value.detach().contiguous() for key, value in state_dict.items()}
+        save_file(weights, os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
 def load_weights(transformer: torch.nn.Module, checkpoint: str, is_lora: bool) -> None:
@@ -97,7 +105,12 @@ def load_weights(transformer: torch.nn.Module, checkpoint: str, is_lora: bool) -
         state = {}
         for name in sorted(f for f in os.listdir(full_dir) if f.endswith(".safetensors")):
             state.update(load_file(os.path.join(full_dir, name)))
-        transformer.load_state_dict(state)
+        if any(isinstance(p, DTensor) for p in transformer.parameters()):  # FSDP2: each process keeps its shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(transformer, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            transformer.load_state_dict(state)
     else:
         expected = LORA_WEIGHTS_NAME if is_lora else f"{TRANSFORMER_FOLDER}/"
         raise FileNotFoundError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 
@@ -54,11 +55,20 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         loss, self._loss = self._loss, None
+        # Under FSDP2 a gradient is a DTensor holding this process's shard: check the shard, then agree across the
+        # processes (one tiny all-reduce), so that every process stops, or none.
         grads = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
+        sharded = any(isinstance(grad, DTensor) for _, grad in grads)
+        grads = [(name, grad.to_local() if isinstance(grad, DTensor) else grad) for name, grad in grads]
         flags = [torch.isfinite(grad).all() for _, grad in grads]
         if loss is not None:
             flags.append(torch.isfinite(loss))
-        if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+        finite = bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
+        if sharded:
+            agreed = torch.tensor(int(finite), device=flags[0].device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            finite = bool(agreed)
+        if finite:
             return
         bad = [name for (name, grad) in grads if not bool(torch.isfinite(grad).all())]
         parts = []
