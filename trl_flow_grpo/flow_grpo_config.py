@@ -177,6 +177,12 @@ class FlowGRPOConfig(TrainingArguments):
             Seconds a reward or preference function (sync or async) may take on one batch before training stops with
             an error naming the function and the time it took. Unset: no limit. A sync function that times out keeps
             running in its thread until it returns (Python cannot stop it), so the process should then exit.
+        overlap_rewards (`bool`, *optional*, defaults to `True`):
+            Call the reward functions on each micro-batch's images in a worker thread while the next micro-batch is
+            sampled, instead of on the whole generation batch after sampling. The rewards, advantages and metrics are
+            the same for reward functions that score each sample on its own; a function marked `whole_batch = True`
+            (and every preference function) is still called after sampling. `log_metric` is then called once per
+            micro-batch, and `reward_timeout` applies to each call. `False`: one call after sampling, as before.
         ema_decay (`float`, *optional*):
             Keep an exponential moving average of the trained weights with decay `min((1 + n) / (10 + n),
             ema_decay)` after the n-th optimizer step (Flow-GRPO uses 0.9), and use it for `evaluate()` and the
@@ -403,6 +409,13 @@ class FlowGRPOConfig(TrainingArguments):
     reward_timeout: float | None = field(
         default=None,
         metadata={"help": "Seconds a reward / preference function may take per batch before an error; unset: none."},
+    )
+    overlap_rewards: bool = field(
+        default=True,
+        metadata={
+            "help": "Score each micro-batch in a worker thread while the next one samples (same rewards for "
+            "per-sample reward functions); False: score the whole batch after sampling."
+        },
     )
 
     ema_decay: float | None = field(

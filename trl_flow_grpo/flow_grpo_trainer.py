@@ -280,6 +280,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         transformer.eval()
         start = time.perf_counter()
         samples = []
+        rewards = self.scorer.stream(self.state)  # each micro-batch is scored while the next one samples
         # No rollout bar under an open step bar (transformers' ProgressCallback or the CLI's): where the output is
         # not a terminal that moves the cursor (a log file, `| tee`, a notebook) the two bars interleave. The same
         # for the evaluation bar of an evaluation during training.
@@ -308,13 +309,14 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                     autocast=self.compute_loss_context_manager,
                 )
             )
+            rewards.submit(samples[-1].images, rows)
         transformer.train(was_training)
         rollout_time = time.perf_counter() - start
 
         rows = [row for micro_batch in batches for row in micro_batch]
         images = [image for s in samples for image in s.images]
         scores = self.scorer.score(
-            images, rows, self.accelerator, self._generation, self.state, self.train_dataset.dataset
+            images, rows, self.accelerator, self._generation, self.state, self.train_dataset.dataset, rewards
         )
         local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
         advantages = scores.advantages[local]
