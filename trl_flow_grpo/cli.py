@@ -135,6 +135,9 @@ class TrainScriptArguments:
         reward_funcs (`list[str]`, *optional*, defaults to `["jpeg_compressibility"]`):
             Built-in reward names (see `trl_flow_grpo.rewards.REWARD_FUNCS`) or import paths of your own reward
             functions (`my_pkg.rewards.my_reward`). May be empty when `preference_funcs` is set.
+        eval_reward_funcs (`list[str]`, *optional*, defaults to `[]`):
+            Rewards of the evaluations (names or import paths, as `reward_funcs`), if they are not the training
+            rewards; empty: the training rewards.
         preference_funcs (`list[str]`, *optional*, defaults to `[]`):
             Pref-GRPO preference functions: built-in judges (`trl_flow_grpo.rewards.preferences.PREFERENCE_FUNCS`),
             built-in reward names (compared through their scores, see `preference_temperature` and
@@ -177,6 +180,9 @@ class TrainScriptArguments:
     reward_funcs: list[str] = field(
         default_factory=lambda: ["jpeg_compressibility"],
         metadata={"help": "Built-in reward names or import paths (my_pkg.rewards.my_reward)."},
+    )
+    eval_reward_funcs: list[str] = field(
+        default_factory=list, metadata={"help": "Rewards of the evaluations; empty: the training rewards."}
     )
     preference_funcs: list[str] = field(
         default_factory=list,
@@ -610,6 +616,7 @@ def train(argv: list[str]) -> None:
             eval_dataset=eval_dataset,
             peft_config=lora_config(script_args),
             preference_funcs=script_args.preference_funcs,
+            eval_reward_funcs=script_args.eval_reward_funcs or None,
         )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -809,36 +816,17 @@ def _reward_table(names: list[str], prompts: list[str], seeds: list[int], reward
     return "\n".join(rows)
 
 
-def sample(argv: list[str]) -> None:
-    """`trl-flow-grpo sample`: base pipeline (+ LoRA) -> images and a grid in `output_dir`, each image's rewards."""
-    from trl import TrlParser
-
-    parser = TrlParser((SampleArguments,), prog="trl-flow-grpo sample")
-    _check_flags(parser, argv)
-    (args,) = parser.parse_args_and_config(argv)
-    if args.lora is not None:
-        _check_lora(args.lora)
-    prompts = list(args.prompts)
-    if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    if not prompts:
-        raise SystemExit('trl-flow-grpo sample: no prompts; pass --prompts "a cat" "a dog" or --prompts_file FILE.')
-    if args.images_per_prompt < 1:
-        raise SystemExit(f"trl-flow-grpo sample: --images_per_prompt must be >= 1, got {args.images_per_prompt}.")
-
+def load_for_sampling(args, command: str):
+    """The pipeline of `sample` / `evaluate` (`args.model_name_or_path`, unset or `builtin:shapes`: the shapes model;
+    `args.lora` loaded on top), on CUDA if available, in `args.dtype`; `args.height` / `args.width` filled in for the
+    shapes model. Returns the pipeline, its device, its guidance keywords and any other call keywords."""
     import torch
     from diffusers import DiffusionPipeline
-    from tqdm.auto import tqdm
 
-    from .rewards.base import call_reward_funcs, resolve_reward_func, reward_func_name
-    from .utils import image_grid
-
-    reward_funcs = [resolve_reward_func(name) for name in args.reward_funcs]  # a bad name fails before sampling
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.dtype != "auto" and args.dtype not in dtypes:
-        raise SystemExit(f"trl-flow-grpo sample: --dtype must be auto, {', '.join(dtypes)}; got {args.dtype!r}.")
+        raise SystemExit(f"trl-flow-grpo {command}: --dtype must be auto, {', '.join(dtypes)}; got {args.dtype!r}.")
     dtype = dtypes.get(args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
     # diffusers >= 0.36 takes `dtype` and warns about `torch_dtype`; 0.35 only knows `torch_dtype`.
     from diffusers import __version__ as diffusers_version
@@ -852,7 +840,7 @@ def sample(argv: list[str]) -> None:
         extra = {"max_sequence_length": SHAPES_SAMPLING["max_sequence_length"]}
         args.height, args.width = args.height or SHAPES_SAMPLING["height"], args.width or SHAPES_SAMPLING["width"]
     else:
-        with _hub_errors_as_one_line("sample", "model", args.model_name_or_path):
+        with _hub_errors_as_one_line(command, "model", args.model_name_or_path):
             pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, **load_dtype)
         extra = {}
     if args.lora is not None:
@@ -872,6 +860,35 @@ def sample(argv: list[str]) -> None:
         guidance = adapter.pipeline_call_kwargs(scale)
     except ValueError:  # a pipeline the trainer does not support: its own guidance argument and default
         guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    return pipe, device, guidance, extra
+
+
+def sample(argv: list[str]) -> None:
+    """`trl-flow-grpo sample`: base pipeline (+ LoRA) -> images and a grid in `output_dir`, each image's rewards."""
+    from trl import TrlParser
+
+    parser = TrlParser((SampleArguments,), prog="trl-flow-grpo sample")
+    _check_flags(parser, argv)
+    (args,) = parser.parse_args_and_config(argv)
+    if args.lora is not None:
+        _check_lora(args.lora)
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit('trl-flow-grpo sample: no prompts; pass --prompts "a cat" "a dog" or --prompts_file FILE.')
+    if args.images_per_prompt < 1:
+        raise SystemExit(f"trl-flow-grpo sample: --images_per_prompt must be >= 1, got {args.images_per_prompt}.")
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .rewards.base import call_reward_funcs, resolve_reward_func, reward_func_name
+    from .utils import image_grid
+
+    reward_funcs = [resolve_reward_func(name) for name in args.reward_funcs]  # a bad name fails before sampling
+    pipe, device, guidance, extra = load_for_sampling(args, "sample")
     images, captions, seeds = [], [], []
     jobs = [(p, k) for p in prompts for k in range(args.images_per_prompt)]
     for prompt, k in tqdm(jobs, desc="sample"):
@@ -913,6 +930,13 @@ def sample(argv: list[str]) -> None:
                 f.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, "rewards": values}) + "\n")
 
 
+def evaluate(argv: list[str]) -> None:
+    """`trl-flow-grpo evaluate`: see `trl_flow_grpo.evaluate` (imported when called)."""
+    from .evaluate import evaluate as run
+
+    run(argv)
+
+
 def reward_server(argv: list[str]) -> None:
     """`trl-flow-grpo reward-server --reward NAME_OR_PATH [--host] [--port] [--token-env VAR]`: serve a reward over
     HTTP for `RemoteReward` (see `trl_flow_grpo.rewards.server`)."""
@@ -925,6 +949,7 @@ COMMANDS = {
     "train": (train, "Train a flow-matching pipeline with Flow-GRPO (built-in offline demo by default)."),
     "sample": (sample, "Render prompts with a base pipeline plus a trained LoRA; score them with rewards."),
     "reward-server": (reward_server, "Serve a reward function over HTTP (POST /score) for a reward URL."),
+    "evaluate": (evaluate, "Score a pipeline (+ LoRA) on a prompt dataset: means with 95% CIs."),
 }
 
 

@@ -82,6 +82,10 @@ class FlowGRPOConfig(TrainingArguments):
             Image height in pixels.
         width (`int`, *optional*, defaults to `512`):
             Image width in pixels.
+        eval_height (`int`, *optional*):
+            Image height of [`~FlowGRPOTrainer.evaluate`]'s samples; unset: `height`.
+        eval_width (`int`, *optional*):
+            Image width of [`~FlowGRPOTrainer.evaluate`]'s samples; unset: `width`.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             With `sde_window="full"`, the first `floor(num_inference_steps * timestep_fraction)` steps are SDE steps,
             recorded and trained; the rest are ODE steps (the last step's Gaussian is too narrow to train on).
@@ -296,6 +300,8 @@ class FlowGRPOConfig(TrainingArguments):
     )
     height: int = field(default=512, metadata={"help": "Image height in pixels."})
     width: int = field(default=512, metadata={"help": "Image width in pixels."})
+    eval_height: int | None = field(default=None, metadata={"help": "Height of evaluation images; unset: height."})
+    eval_width: int | None = field(default=None, metadata={"help": "Width of evaluation images; unset: width."})
     timestep_fraction: float = field(
         default=0.99,
         metadata={"help": "The first floor(num_inference_steps * timestep_fraction) steps are SDE steps (trained)."},
@@ -580,6 +586,9 @@ class FlowGRPOConfig(TrainingArguments):
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}.")
         if self.height <= 0 or self.width <= 0:
             raise ValueError(f"height ({self.height}) and width ({self.width}) must be positive.")
+        for name in ("eval_height", "eval_width"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or unset: the training size), got {getattr(self, name)}.")
         if self.auto_find_batch_size:
             raise ValueError(
                 "auto_find_batch_size is not supported: the generation batch must hold whole groups of "

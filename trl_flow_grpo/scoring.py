@@ -290,13 +290,17 @@ class Scorer:
         reward_funcs: Reward functions or built-in names (see `trl_flow_grpo.rewards`).
         preference_funcs: Pref-GRPO preference functions or built-in names (see `trl_flow_grpo.rewards.preferences`).
         args: The run's configuration (weights, advantage options, preference options, seed).
+        reward_weights: The reward functions' weights, instead of `args.reward_weights` (e.g. 1 each for the
+            evaluation rewards).
 
     Attributes:
         last_eval_extra: The reward functions' `log_extra` columns of the last `evaluate` call (column -> one value
             per gathered sample).
     """
 
-    def __init__(self, reward_funcs: Any, preference_funcs: Any, args: FlowGRPOConfig):
+    def __init__(
+        self, reward_funcs: Any, preference_funcs: Any, args: FlowGRPOConfig, reward_weights: list[float] | None = None
+    ):
         self.last_eval_extra: dict[str, list] = {}
         reward_funcs, preference_funcs = _as_list(reward_funcs), _as_list(preference_funcs)
         if not reward_funcs and not preference_funcs:
@@ -319,12 +323,13 @@ class Scorer:
         self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
         self.reward_funcs: list[Callable] = [resolve_reward_func(f) for f in reward_funcs]
         self.reward_func_names = validation.unique_names(self.reward_func_names, "reward function")
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+        reward_weights = args.reward_weights if reward_weights is None else reward_weights
+        if reward_weights is not None and len(reward_weights) != len(self.reward_funcs):
             raise ValueError(
-                f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} "
+                f"reward_weights has {len(reward_weights)} values but there are {len(self.reward_funcs)} "
                 f"reward functions ({', '.join(self.reward_func_names)})."
             )
-        self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs))
+        self.reward_weights = torch.tensor(reward_weights or [1.0] * len(self.reward_funcs))
         validation.check_weights(self.reward_weights.tolist(), self.reward_func_names, self.preference_weights)
         self.reward_funcs = [
             with_timeout(f, args.reward_timeout, n) for f, n in zip(self.reward_funcs, self.reward_func_names)
