@@ -85,6 +85,17 @@ def test_tiny_pipeline_with_categories_columns_and_rewards_that_do_not_apply(tmp
     assert table[1].split() == ["category", "mean", "95%", "interval", "prompts", "images"]
     assert [line.split()[0] for line in table[2:5]] == ["all", "warm", "cool"]
 
+    # --lora: the same prompts and seeds through the LoRA give other images, hence other rewards.
+    from test_cli import _lora_folder
+
+    lora = _lora_folder(tmp_path, make_tiny_sd3_pipeline(seed=0, with_t5=True))
+    main([str(tmp_path / "lora") if a == str(tmp_path / "out") else a for a in argv] + ["--lora", str(lora)])
+    tuned = json.loads((tmp_path / "lora" / "results.json").read_text(encoding="utf-8"))
+    assert tuned["settings"]["lora"] == str(lora)
+    assert [i["rewards"]["brightness"] for i in tuned["images"]] != [i["rewards"]["brightness"] for i in images]
+    with pytest.raises(SystemExit, match="trl-flow-grpo evaluate: --lora .*missing: no such folder"):
+        main([*argv, "--lora", str(tmp_path / "missing")])
+
 
 def test_intervals_are_over_prompts_and_reproducible():
     # Two prompts, one always 1 and one always 0: the images within a prompt are not independent samples.

@@ -332,22 +332,23 @@ def _check_flags(parser, argv: list[str], extra: list[str] = ()) -> None:
         raise SystemExit(f"{parser.prog}: unrecognized arguments: {' '.join(unknown)}\n{hints}")
 
 
-def _check_lora(lora: str) -> None:
-    """`sample --lora`: a local path must exist and hold a LoRA file or a `transformer/` folder."""
+def _check_lora(lora: str, command: str = "sample") -> None:
+    """`sample --lora` (or `command`'s): a local path must exist and hold a LoRA file or a `transformer/` folder."""
     if os.path.isdir(lora):
         if not os.path.isdir(os.path.join(lora, "transformer")) and not any(
             name.endswith(".safetensors") for name in os.listdir(lora)
         ):
             raise SystemExit(
-                f"trl-flow-grpo sample: --lora {lora} has no pytorch_lora_weights.safetensors and no transformer/ "
+                f"trl-flow-grpo {command}: --lora {lora} has no pytorch_lora_weights.safetensors and no transformer/ "
                 "folder; pass the output_dir (or a checkpoint-<step> folder) of a FlowGRPOTrainer run."
             )
         return
     looks_local = os.path.isabs(lora) or lora.startswith((".", "~")) or lora.count("/") != 1 or os.path.exists(lora)
     if looks_local:
         raise SystemExit(
-            f"trl-flow-grpo sample: --lora {lora}: no such folder (a Hub repo id has the form 'user/repo'). Pass the "
-            "output_dir of a FlowGRPOTrainer run, a checkpoint-<step> folder in it, or the Hub repo it was pushed to."
+            f"trl-flow-grpo {command}: --lora {lora}: no such folder (a Hub repo id has the form 'user/repo'). Pass "
+            "the output_dir of a FlowGRPOTrainer run, a checkpoint-<step> folder in it, or the Hub repo it was pushed "
+            "to."
         )
 
 

@@ -207,7 +207,7 @@ def evaluate(argv: list[str]) -> dict:
     if not args.reward_funcs:
         raise SystemExit("trl-flow-grpo evaluate: pass at least one reward with --reward_funcs.")
     if args.lora is not None:
-        _check_lora(args.lora)
+        _check_lora(args.lora, "evaluate")
     rows, has_category = load_prompts(args)
 
     import numpy as np
