@@ -146,11 +146,11 @@ def straight_four_steps(tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def signal_at_generation(number: int, signum: int = signal.SIGINT):
     """A reward function that sends `signum` to this process while scoring the `number`-th generation batch."""
-    calls = []
+    sent = []
 
-    def reward(images, **kwargs):
-        calls.append(1)
-        if len(calls) == number:
+    def reward(images, trainer_state, **kwargs):  # called once per micro-batch (overlap_rewards): count generations
+        if trainer_state.global_step == number - 1 and not sent:
+            sent.append(signum)
             os.kill(os.getpid(), signum)
         return brightness(images)
 
@@ -179,11 +179,8 @@ def test_sigterm_becomes_a_checkpoint_and_the_handlers_are_restored(tmp_path):
 
 
 def test_an_error_in_a_step_saves_the_last_completed_step_and_resumes_exactly(tmp_path, straight_four_steps):
-    calls = []
-
-    def failing_at_third_generation(images, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+    def failing_at_third_generation(images, trainer_state, **kwargs):
+        if trainer_state.global_step == 2:  # the third generation batch (one per optimizer step)
             raise ConnectionError("reward server unreachable")
         return brightness(images)
 

@@ -74,6 +74,7 @@ def test_without_logging_nothing_is_added(tmp_path):
         "advantages/abs_mean",
         "advantages/abs_max",
         "time/reward_s",
+        "time/reward_wait_s",
     }
 
 
@@ -163,6 +164,6 @@ def test_a_training_run_logs_the_reward_functions_metrics(tmp_path):
         make_tiny_sd3_pipeline(), logging_reward, args=args, train_dataset=dataset, peft_config=tiny_lora_config()
     )
     trainer.train()
-    assert calls == [8, 8]
+    assert calls == [4, 4, 4, 4]  # overlap_rewards: one call per micro-batch of 4, while the next one samples
     logged = [entry["custom/step_seen"] for entry in trainer.state.log_history if "custom/step_seen" in entry]
     assert logged == [0.0, 1.0]  # one value per optimizer step: the global step the reward saw

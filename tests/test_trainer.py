@@ -474,7 +474,7 @@ def short_reward(prompts, images, **kwargs):
 
 @pytest.mark.parametrize(
     "reward, match",
-    [(nan_reward, r"'nan_reward' returned NaN"), (short_reward, r"'short_reward' returned 1 values for 8 samples")],
+    [(nan_reward, r"'nan_reward' returned NaN"), (short_reward, r"'short_reward' returned 1 values for 4 samples")],
     ids=["nan", "wrong_length"],
 )
 def test_bad_reward_fails_on_first_step(tmp_path, reward, match):
@@ -528,19 +528,23 @@ def test_several_rewards_with_weights_async_none_and_columns(tmp_path):
 
     trainer.train()
 
-    # One call per optimizer step with the whole generation batch; columns line up with their prompts.
-    assert len(received) == 2
+    # One call per micro-batch (overlap_rewards: scored while the next one samples), 2 per optimizer step; columns
+    # line up with their prompts, and each step's two calls hold its 2 prompts x 4 images.
+    assert len(received) == 4
     for call in received:
-        assert call["num_images"] == 8
+        assert call["num_images"] == 4
         assert call["kwargs"] == ["log_extra", "log_metric"]  # TRL's logging keywords; prompt / _row are not columns
         assert call["trainer_state"] is trainer.state
         assert [row_of[p] for p in call["prompts"]] == list(zip(call["target"], call["difficulty"]))
-        assert len(set(call["prompts"])) == 2 and all(call["prompts"].count(p) == 4 for p in set(call["prompts"]))
+    for first, second in zip(received[::2], received[1::2]):
+        prompts = first["prompts"] + second["prompts"]
+        assert len(set(prompts)) == 2 and all(prompts.count(p) == 4 for p in set(prompts))
 
     entries = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(entries) == 2
-    for entry, call in zip(entries, received):
-        mean_difficulty = sum(call["difficulty"]) / len(call["difficulty"])
+    for entry, first, second in zip(entries, received[::2], received[1::2]):
+        difficulties = first["difficulty"] + second["difficulty"]
+        mean_difficulty = sum(difficulties) / len(difficulties)
         assert entry["rewards/column_reward/mean"] == pytest.approx(mean_difficulty)
         assert entry["rewards/async_reward/mean"] == pytest.approx(0.25)
         assert entry["rewards/sometimes_none/mean"] == pytest.approx(2.0)  # None entries are ignored

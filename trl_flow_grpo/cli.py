@@ -136,6 +136,9 @@ class TrainScriptArguments:
         reward_funcs (`list[str]`, *optional*, defaults to `["jpeg_compressibility"]`):
             Built-in reward names (see `trl_flow_grpo.rewards.REWARD_FUNCS`) or import paths of your own reward
             functions (`my_pkg.rewards.my_reward`). May be empty when `preference_funcs` is set.
+        eval_reward_funcs (`list[str]`, *optional*, defaults to `[]`):
+            Rewards of the evaluations (names or import paths, as `reward_funcs`), if they are not the training
+            rewards; empty: the training rewards.
         preference_funcs (`list[str]`, *optional*, defaults to `[]`):
             Pref-GRPO preference functions: built-in judges (`trl_flow_grpo.rewards.preferences.PREFERENCE_FUNCS`),
             built-in reward names (compared through their scores, see `preference_temperature` and
@@ -178,6 +181,9 @@ class TrainScriptArguments:
     reward_funcs: list[str] = field(
         default_factory=lambda: ["jpeg_compressibility"],
         metadata={"help": "Built-in reward names or import paths (my_pkg.rewards.my_reward)."},
+    )
+    eval_reward_funcs: list[str] = field(
+        default_factory=list, metadata={"help": "Rewards of the evaluations; empty: the training rewards."}
     )
     preference_funcs: list[str] = field(
         default_factory=list,
@@ -327,22 +333,23 @@ def _check_flags(parser, argv: list[str], extra: list[str] = ()) -> None:
         raise SystemExit(f"{parser.prog}: unrecognized arguments: {' '.join(unknown)}\n{hints}")
 
 
-def _check_lora(lora: str) -> None:
-    """`sample --lora`: a local path must exist and hold a LoRA file or a `transformer/` folder."""
+def _check_lora(lora: str, command: str = "sample") -> None:
+    """`sample --lora` (or `command`'s): a local path must exist and hold a LoRA file or a `transformer/` folder."""
     if os.path.isdir(lora):
         if not os.path.isdir(os.path.join(lora, "transformer")) and not any(
             name.endswith(".safetensors") for name in os.listdir(lora)
         ):
             raise SystemExit(
-                f"trl-flow-grpo sample: --lora {lora} has no pytorch_lora_weights.safetensors and no transformer/ "
+                f"trl-flow-grpo {command}: --lora {lora} has no pytorch_lora_weights.safetensors and no transformer/ "
                 "folder; pass the output_dir (or a checkpoint-<step> folder) of a FlowGRPOTrainer run."
             )
         return
     looks_local = os.path.isabs(lora) or lora.startswith((".", "~")) or lora.count("/") != 1 or os.path.exists(lora)
     if looks_local:
         raise SystemExit(
-            f"trl-flow-grpo sample: --lora {lora}: no such folder (a Hub repo id has the form 'user/repo'). Pass the "
-            "output_dir of a FlowGRPOTrainer run, a checkpoint-<step> folder in it, or the Hub repo it was pushed to."
+            f"trl-flow-grpo {command}: --lora {lora}: no such folder (a Hub repo id has the form 'user/repo'). Pass "
+            "the output_dir of a FlowGRPOTrainer run, a checkpoint-<step> folder in it, or the Hub repo it was pushed "
+            "to."
         )
 
 
@@ -611,6 +618,7 @@ def train(argv: list[str]) -> None:
             eval_dataset=eval_dataset,
             peft_config=lora_config(script_args),
             preference_funcs=script_args.preference_funcs,
+            eval_reward_funcs=script_args.eval_reward_funcs or None,
         )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -852,6 +860,60 @@ def _reward_table(names: list[str], prompts: list[str], seeds: list[int], reward
     return "\n".join(rows)
 
 
+def load_for_sampling(args, command: str):
+    """The pipeline of `sample` / `evaluate` (`args.model_name_or_path`, unset or `builtin:shapes`: the shapes model;
+    `args.lora` loaded on top), on CUDA if available, in `args.dtype`; `args.height` / `args.width` filled in for the
+    shapes model. Returns the pipeline, its device, its guidance keywords and any other call keywords (with
+    `args.hybrid_steps`, a `_HybridInference` callback whose `switched()` must wrap each call)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if args.dtype != "auto" and args.dtype not in dtypes:
+        raise SystemExit(f"trl-flow-grpo {command}: --dtype must be auto, {', '.join(dtypes)}; got {args.dtype!r}.")
+    dtype = dtypes.get(args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+    # diffusers >= 0.36 takes `dtype` and warns about `torch_dtype`; 0.35 only knows `torch_dtype`.
+    from diffusers import __version__ as diffusers_version
+    from packaging.version import Version
+
+    load_dtype = {"dtype" if Version(diffusers_version) >= Version("0.36") else "torch_dtype": dtype}
+    if args.model_name_or_path in (None, BUILTIN_SHAPES):
+        from .toy.model import SHAPES_SAMPLING, load_shapes_pipeline
+
+        pipe = load_shapes_pipeline(dtype)
+        extra = {"max_sequence_length": SHAPES_SAMPLING["max_sequence_length"]}
+        args.height, args.width = args.height or SHAPES_SAMPLING["height"], args.width or SHAPES_SAMPLING["width"]
+    else:
+        with _hub_errors_as_one_line(command, "model", args.model_name_or_path):
+            pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, **load_dtype)
+        extra = {}
+    hybrid_steps = getattr(args, "hybrid_steps", None)  # `sample --hybrid_steps`
+    base_transformer = None  # a full fine-tuning output's base transformer, for --hybrid_steps
+    if args.lora is not None:
+        transformer_dir = os.path.join(args.lora, TRANSFORMER_FOLDER)
+        if os.path.isdir(transformer_dir):  # a full fine-tuning output
+            if hybrid_steps is not None:
+                base_transformer = pipe.transformer.to(device)
+            pipe.transformer = type(pipe.transformer).from_pretrained(transformer_dir, **load_dtype)
+        else:
+            with _without_text_encoder_lora_warnings():  # the trainer's LoRAs have no text encoder keys
+                pipe.load_lora_weights(args.lora)
+    pipe = pipe.to(device)
+    if hybrid_steps is not None:  # `extra["callback_on_step_end"].switched()` wraps each call
+        extra["callback_on_step_end"] = _HybridInference(pipe, hybrid_steps, base_transformer)
+    pipe.set_progress_bar_config(disable=True)
+    from .pipelines import get_adapter
+
+    try:  # each family names its guidance its own way (Qwen-Image: true_cfg_scale with a negative prompt)
+        adapter = get_adapter(pipe)
+        scale = args.guidance_scale if args.guidance_scale is not None else adapter.default_guidance_scale
+        guidance = adapter.pipeline_call_kwargs(scale)
+    except ValueError:  # a pipeline the trainer does not support: its own guidance argument and default
+        guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    return pipe, device, guidance, extra
+
+
 def sample(argv: list[str]) -> None:
     """`trl-flow-grpo sample`: base pipeline (+ LoRA) -> images and a grid in `output_dir`, each image's rewards."""
     from trl import TrlParser
@@ -882,57 +944,15 @@ def sample(argv: list[str]) -> None:
             )
 
     import torch
-    from diffusers import DiffusionPipeline
     from tqdm.auto import tqdm
 
     from .rewards.base import call_reward_funcs, resolve_reward_func, reward_func_name
     from .utils import image_grid
 
     reward_funcs = [resolve_reward_func(name) for name in args.reward_funcs]  # a bad name fails before sampling
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if args.dtype != "auto" and args.dtype not in dtypes:
-        raise SystemExit(f"trl-flow-grpo sample: --dtype must be auto, {', '.join(dtypes)}; got {args.dtype!r}.")
-    dtype = dtypes.get(args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
-    # diffusers >= 0.36 takes `dtype` and warns about `torch_dtype`; 0.35 only knows `torch_dtype`.
-    from diffusers import __version__ as diffusers_version
-    from packaging.version import Version
-
-    load_dtype = {"dtype" if Version(diffusers_version) >= Version("0.36") else "torch_dtype": dtype}
-    if args.model_name_or_path in (None, BUILTIN_SHAPES):
-        from .toy.model import SHAPES_SAMPLING, load_shapes_pipeline
-
-        pipe = load_shapes_pipeline(dtype)
-        extra = {"max_sequence_length": SHAPES_SAMPLING["max_sequence_length"]}
-        args.height, args.width = args.height or SHAPES_SAMPLING["height"], args.width or SHAPES_SAMPLING["width"]
-    else:
-        with _hub_errors_as_one_line("sample", "model", args.model_name_or_path):
-            pipe = DiffusionPipeline.from_pretrained(args.model_name_or_path, **load_dtype)
-        extra = {}
-    base_transformer = None  # a full fine-tuning output's base transformer, for --hybrid_steps
-    if args.lora is not None:
-        transformer_dir = os.path.join(args.lora, TRANSFORMER_FOLDER)
-        if os.path.isdir(transformer_dir):  # a full fine-tuning output
-            if args.hybrid_steps is not None:
-                base_transformer = pipe.transformer.to(device)
-            pipe.transformer = type(pipe.transformer).from_pretrained(transformer_dir, **load_dtype)
-        else:
-            with _without_text_encoder_lora_warnings():  # the trainer's LoRAs have no text encoder keys
-                pipe.load_lora_weights(args.lora)
-    pipe = pipe.to(device)
-    hybrid = None if args.hybrid_steps is None else _HybridInference(pipe, args.hybrid_steps, base_transformer)
-    switched = hybrid.switched if hybrid is not None else contextlib.nullcontext
-    if hybrid is not None:
-        extra["callback_on_step_end"] = hybrid
-    pipe.set_progress_bar_config(disable=True)
-    from .pipelines import get_adapter
-
-    try:  # each family names its guidance its own way (Qwen-Image: true_cfg_scale with a negative prompt)
-        adapter = get_adapter(pipe)
-        scale = args.guidance_scale if args.guidance_scale is not None else adapter.default_guidance_scale
-        guidance = adapter.pipeline_call_kwargs(scale)
-    except ValueError:  # a pipeline the trainer does not support: its own guidance argument and default
-        guidance = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
+    pipe, device, guidance, extra = load_for_sampling(args, "sample")
+    hybrid = extra.get("callback_on_step_end")
+    switched = hybrid.switched if isinstance(hybrid, _HybridInference) else contextlib.nullcontext
     images, captions, seeds = [], [], []
     jobs = [(p, k) for p in prompts for k in range(args.images_per_prompt)]
     for prompt, k in tqdm(jobs, desc="sample"):
@@ -975,6 +995,13 @@ def sample(argv: list[str]) -> None:
                 f.write(json.dumps({"file": name, "prompt": prompt, "seed": seed, "rewards": values}) + "\n")
 
 
+def evaluate(argv: list[str]) -> None:
+    """`trl-flow-grpo evaluate`: see `trl_flow_grpo.evaluate` (imported when called)."""
+    from .evaluate import evaluate as run
+
+    run(argv)
+
+
 def reward_server(argv: list[str]) -> None:
     """`trl-flow-grpo reward-server --reward NAME_OR_PATH [--host] [--port] [--token-env VAR]`: serve a reward over
     HTTP for `RemoteReward` (see `trl_flow_grpo.rewards.server`)."""
@@ -987,6 +1014,7 @@ COMMANDS = {
     "train": (train, "Train a flow-matching pipeline with Flow-GRPO (built-in offline demo by default)."),
     "sample": (sample, "Render prompts with a base pipeline plus a trained LoRA; score them with rewards."),
     "reward-server": (reward_server, "Serve a reward function over HTTP (POST /score) for a reward URL."),
+    "evaluate": (evaluate, "Score a pipeline (+ LoRA) on a prompt dataset: means with 95% CIs."),
 }
 
 

@@ -94,6 +94,10 @@ class FlowGRPOConfig(TrainingArguments):
             Image height in pixels.
         width (`int`, *optional*, defaults to `512`):
             Image width in pixels.
+        eval_height (`int`, *optional*):
+            Image height of [`~FlowGRPOTrainer.evaluate`]'s samples; unset: `height`.
+        eval_width (`int`, *optional*):
+            Image width of [`~FlowGRPOTrainer.evaluate`]'s samples; unset: `width`.
         timestep_fraction (`float`, *optional*, defaults to `0.99`):
             With `sde_window="full"`, the first `floor(num_inference_steps * timestep_fraction)` steps are SDE steps,
             recorded and trained; the rest are ODE steps (the last step's Gaussian is too narrow to train on).
@@ -189,6 +193,12 @@ class FlowGRPOConfig(TrainingArguments):
             Seconds a reward or preference function (sync or async) may take on one batch before training stops with
             an error naming the function and the time it took. Unset: no limit. A sync function that times out keeps
             running in its thread until it returns (Python cannot stop it), so the process should then exit.
+        overlap_rewards (`bool`, *optional*, defaults to `True`):
+            Call the reward functions on each micro-batch's images in a worker thread while the next micro-batch is
+            sampled, instead of on the whole generation batch after sampling. The rewards, advantages and metrics are
+            the same for reward functions that score each sample on its own; a function marked `whole_batch = True`
+            (and every preference function) is still called after sampling. `log_metric` is then called once per
+            micro-batch, and `reward_timeout` applies to each call. `False`: one call after sampling, as before.
         ema_decay (`float`, *optional*):
             Keep an exponential moving average of the trained weights with decay `min((1 + n) / (10 + n),
             ema_decay)` after the n-th optimizer step (Flow-GRPO uses 0.9), and use it for `evaluate()` and the
@@ -344,6 +354,8 @@ class FlowGRPOConfig(TrainingArguments):
     )
     height: int = field(default=512, metadata={"help": "Image height in pixels."})
     width: int = field(default=512, metadata={"help": "Image width in pixels."})
+    eval_height: int | None = field(default=None, metadata={"help": "Height of evaluation images; unset: height."})
+    eval_width: int | None = field(default=None, metadata={"help": "Width of evaluation images; unset: width."})
     timestep_fraction: float = field(
         default=0.99,
         metadata={"help": "The first floor(num_inference_steps * timestep_fraction) steps are SDE steps (trained)."},
@@ -457,6 +469,13 @@ class FlowGRPOConfig(TrainingArguments):
     reward_timeout: float | None = field(
         default=None,
         metadata={"help": "Seconds a reward / preference function may take per batch before an error; unset: none."},
+    )
+    overlap_rewards: bool = field(
+        default=True,
+        metadata={
+            "help": "Score each micro-batch in a worker thread while the next one samples (same rewards for "
+            "per-sample reward functions); False: score the whole batch after sampling."
+        },
     )
 
     ema_decay: float | None = field(
@@ -653,6 +672,9 @@ class FlowGRPOConfig(TrainingArguments):
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}.")
         if self.height <= 0 or self.width <= 0:
             raise ValueError(f"height ({self.height}) and width ({self.width}) must be positive.")
+        for name in ("eval_height", "eval_width"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or unset: the training size), got {getattr(self, name)}.")
         if self.auto_find_batch_size:
             raise ValueError(
                 "auto_find_batch_size is not supported: the generation batch must hold whole groups of "

@@ -144,6 +144,11 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             in pairs (`preference_num_opponents`, `preference_symmetric`); win rates become advantages, mixed with
             the reward functions' at the advantage level (`preference_weights`). A string names a built-in judge or
             a built-in reward compared through its scores. `reward_funcs` may then be empty.
+        eval_reward_funcs (`callable`, `str` or a list of them, *optional*):
+            The reward functions of [`~FlowGRPOTrainer.evaluate`], if they are not the training rewards (e.g. a
+            held-out judge that is not optimised against): logged as `eval_rewards/<name>/mean` and `eval_reward`
+            (their unweighted sum), and reaching the model card's evaluation results. Unset: the training rewards
+            (and `reward_weights`); `eval_reward_gap` is only logged then.
     """
 
     _tag_names = ["trl", "flow-grpo", "diffusers", "lora", "text-to-image"]
@@ -161,6 +166,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         optimizers: tuple = (None, None),
         peft_config: Any | None = None,
         preference_funcs: Callable | str | list[Callable | str] | None = None,
+        eval_reward_funcs: Callable | str | list[Callable | str] | None = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else type(model).__name__
@@ -176,6 +182,10 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         self.reward_funcs, self.reward_func_names = self.scorer.reward_funcs, self.scorer.reward_func_names
         self.preference_funcs = self.scorer.preference_funcs
         self.preference_func_names = self.scorer.preference_func_names
+        self.eval_scorer = self.scorer  # evaluation rewards: the training rewards, or their own (weight 1 each)
+        if eval_reward_funcs is not None:
+            funcs = eval_reward_funcs if isinstance(eval_reward_funcs, (list, tuple)) else [eval_reward_funcs]
+            self.eval_scorer = Scorer(funcs, None, args, reward_weights=[1.0] * len(funcs))
 
         # --- the pipeline: the transformer is trained, everything else frozen ---
         self.pipeline = model = _load_pipeline(model, args.model_init_kwargs)
@@ -184,6 +194,8 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         self._source_image_column = args.source_image_column
         train_dataset = self._with_source_images(train_dataset, "train_dataset")
         self._with_source_images(eval_dataset, "eval_dataset")  # checked now; wrapped at each `evaluate`
+        self.eval_size = (args.eval_height or args.height, args.eval_width or args.width)
+        self.adapter.check_inputs(*self.eval_size)
         for module in self.adapter.frozen_modules:
             module.requires_grad_(False)
             module.eval()
@@ -320,6 +332,7 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
         transformer.eval()
         start = time.perf_counter()
         samples = []
+        rewards = self.scorer.stream(self.state)  # each micro-batch is scored while the next one samples
         # No rollout bar under an open step bar (transformers' ProgressCallback or the CLI's): where the output is
         # not a terminal that moves the cursor (a log file, `| tee`, a notebook) the two bars interleave. The same
         # for the evaluation bar of an evaluation during training.
@@ -349,13 +362,14 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                     source_images=self._source_images(rows),
                 )
             )
+            rewards.submit(samples[-1].images, rows)
         transformer.train(was_training)
         rollout_time = time.perf_counter() - start
 
         rows = [row for micro_batch in batches for row in micro_batch]
         images = [image for s in samples for image in s.images]
         scores = self.scorer.score(
-            images, rows, self.accelerator, self._generation, self.state, self.train_dataset.dataset
+            images, rows, self.accelerator, self._generation, self.state, self.train_dataset.dataset, rewards
         )
         local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
         advantages = scores.advantages[local]
@@ -581,18 +595,18 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         check_prompt_dataset(dataset, "eval_dataset")
         dataset = self._with_source_images(dataset, "eval_dataset")
-        if not self.reward_funcs:
+        if not self.eval_scorer.reward_funcs:
             raise ValueError(
                 "evaluate() reports the mean of each reward function, and this trainer has only preference functions. "
-                "Pass a pointwise reward too (with preference_weights doing the training, reward_weights=[0.0] keeps "
-                "it out of the advantages)."
+                "Pass eval_reward_funcs, or a pointwise reward too (with preference_weights doing the training, "
+                "reward_weights=[0.0] keeps it out of the advantages)."
             )
         args, device = self.args, self.accelerator.device
         transformer = self.accelerator.unwrap_model(self.model)
         was_training = transformer.training
         transformer.eval()
-        sigmas = self.adapter.sigmas(args.eval_num_inference_steps, args.height, args.width, device)
-        shape = self.adapter.latent_shape(args.height, args.width)
+        sigmas = self.adapter.sigmas(args.eval_num_inference_steps, *self.eval_size, device)
+        shape = self.adapter.latent_shape(*self.eval_size)
         indices = list(range(self.accelerator.process_index, len(dataset), self.accelerator.num_processes))
         batch_size = args.per_device_eval_batch_size
         images, rows = [], []
@@ -625,8 +639,10 @@ class FlowGRPOTrainer(CheckpointingMixin, Trainer):
                 rows.extend(chunk_rows)
         transformer.train(was_training)
 
-        metrics, weighted = self.scorer.evaluate(images, rows, self.state, metric_key_prefix)
-        if self._last_train_reward is not None:  # a proxy reward that rises while this falls is being hacked
+        metrics, weighted = self.eval_scorer.evaluate(images, rows, self.state, metric_key_prefix)
+        if (
+            self._last_train_reward is not None and self.eval_scorer is self.scorer
+        ):  # same rewards: comparable  # a proxy reward that rises while this falls is being hacked
             metrics[f"{metric_key_prefix}_reward_gap"] = (
                 metrics[f"{metric_key_prefix}_reward"] - self._last_train_reward
             )

@@ -9,12 +9,20 @@ point.
 Reward functions may log through TRL's keywords: `log_metric(name, value)` (a scalar, averaged over the calls of
 every process into the batch's metrics) and `log_extra(column, values)` (one value per sample, kept in
 `Scores.extra` over every process).
+
+Reward calls overlap with sampling (`overlap_rewards`): `Scorer.stream` returns a `RewardStream`, to which the trainer
+submits each micro-batch's images as soon as they are sampled; one worker thread calls the reward functions on them
+(async ones in that thread's own event loop) while the next micro-batch samples, in submission order. `Scorer.score`
+then collects the rewards. Reward functions marked `whole_batch = True`, and every preference function, still run
+after sampling on the whole batch.
 """
 
+import contextlib
 import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +49,7 @@ from .rewards import call_reward_funcs, resolve_reward_func, reward_func_name, w
 from .rewards.preferences import call_preference_funcs, preference_func_name, resolve_preference_func
 from .seeds import stable_seed
 
-__all__ = ["RewardLogs", "Scorer", "Scores"]
+__all__ = ["RewardLogs", "RewardStream", "Scorer", "Scores", "whole_batch"]
 
 
 def _as_list(funcs: Any) -> list:
@@ -53,6 +61,17 @@ def _as_list(funcs: Any) -> list:
 def _columns(rows: list[dict], skip: tuple[str, ...] = ("prompt", "_row")) -> dict[str, list]:
     """The dataset columns of `rows` other than `skip`, as the reward functions' keyword arguments."""
     return {key: [row[key] for row in rows] for key in (rows[0] if rows else {}) if key not in skip}
+
+
+def whole_batch(func: Any) -> bool:
+    """Whether reward function `func` asks to see the whole generation batch of its process at once (an attribute
+    `whole_batch = True` on the function or its class, e.g. a reward that ranks the images of a prompt against each
+    other): it is then not overlapped with sampling but called after it, as when `overlap_rewards=False`."""
+    while func is not None:
+        if getattr(func, "whole_batch", False) is True:
+            return True
+        func = getattr(func, "__wrapped__", None)  # through `with_timeout`
+    return False
 
 
 class RewardLogs:
@@ -118,6 +137,124 @@ class RewardLogs:
         extra = {column: [v for n, e, _ in parts for v in e.get(column, [None] * n)] for column in columns}
         return {name: total / count for name, (total, count) in sorted(totals.items())}, extra
 
+    @classmethod
+    def concatenate(cls, parts: Sequence["RewardLogs"]) -> "RewardLogs":
+        """The logs of consecutive micro-batches as the logs of their whole batch: each `log_extra` column spans
+        every sample (None for the samples of a micro-batch that did not log it), every `log_metric` call is kept."""
+        logs = cls(sum(part.num_samples for part in parts))
+        for column in sorted({column for part in parts for column in part.extra}):
+            logs.extra[column] = [v for part in parts for v in part.extra.get(column, [None] * part.num_samples)]
+        for part in parts:
+            for name, values in part.metrics.items():
+                logs.metrics.setdefault(name, []).extend(values)
+        return logs
+
+
+class RewardStream:
+    """The reward calls of one generation batch, made micro-batch by micro-batch while the next one is sampled.
+
+    `submit` hands a micro-batch's images to one worker thread (so calls run one at a time, in submission order);
+    `collect` waits for them and returns this process's rewards in the order the micro-batches were submitted, exactly
+    what one call on the whole batch returns for reward functions that score each sample on its own. The worker runs
+    under `torch.no_grad()` on the caller's CUDA device (and its own CUDA stream, so that a reward model's kernels can
+    run beside the sampler's), as the sequential call does. An exception raised by a reward function is re-raised by
+    the next `submit` or by `collect`, with its original traceback. Without overlap (`overlap=False`, or no reward
+    function that may be overlapped), `submit` only keeps the micro-batch and `collect` scores it all at once.
+
+    Args:
+        scorer: The run's `Scorer` (its reward functions, already wrapped with their timeout).
+        trainer_state: Passed to the reward functions as `trainer_state`.
+        overlap: Whether to call the reward functions in the worker thread during sampling.
+    """
+
+    def __init__(self, scorer: "Scorer", trainer_state: Any, overlap: bool):
+        self.scorer, self.trainer_state = scorer, trainer_state
+        self.overlapped = [j for j, f in enumerate(scorer.reward_funcs) if overlap and not whole_batch(f)]
+        self.images: list[Image.Image] = []
+        self.rows: list[dict] = []
+        self._futures: list[Future] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._device = (
+            torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        )
+        self._cuda_stream = torch.cuda.Stream() if self._device is not None and self.overlapped else None
+        if self.overlapped:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewards")
+
+    def submit(self, images: list[Image.Image], rows: list[dict]) -> None:
+        """Start scoring one micro-batch (its images, one per dataset row of `rows`)."""
+        self._raise_failed()
+        self.images.extend(images)
+        self.rows.extend(rows)
+        if self._executor is not None:
+            first = len(self.rows) - len(rows)
+            self._futures.append(self._executor.submit(self._score, list(images), list(rows), first))
+
+    def _raise_failed(self) -> None:
+        for future in self._futures:
+            if future.done() and future.exception() is not None:
+                self.close()
+                raise future.exception()
+
+    def _score(
+        self, images: list[Image.Image], rows: list[dict], first: int
+    ) -> tuple[torch.Tensor, RewardLogs, float]:
+        """One micro-batch's rewards of the overlapped functions (its samples start at `first` in this process's
+        generation batch), in the worker thread."""
+        start = time.perf_counter()
+        logs = RewardLogs(len(rows))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())  # grad mode is per thread: the trainer samples under no_grad
+            if self._cuda_stream is not None:
+                torch.cuda.set_device(self._device)  # the current device is per thread too
+                stack.enter_context(torch.cuda.stream(self._cuda_stream))
+            funcs = [self.scorer.reward_funcs[j] for j in self.overlapped]
+            try:
+                rewards = self.scorer._call(funcs, images, rows, self.trainer_state, logs)
+            except Exception as error:  # sample numbers in the message count from the micro-batch's first sample
+                if hasattr(error, "add_note"):
+                    error.add_note(
+                        f"(scored with overlap_rewards: the micro-batch of samples {first}..{first + len(rows) - 1} "
+                        "of this process's generation batch)"
+                    )
+                raise
+        return rewards, logs, time.perf_counter() - start
+
+    def collect(self) -> tuple[torch.Tensor, RewardLogs, float, float]:
+        """Wait for the submitted micro-batches and score what was not overlapped.
+
+        Returns:
+            The rewards of every submitted sample (`(N, R)`, in submission order), their logs, the seconds spent in
+            reward calls (overlapped or not), and the seconds this call waited for them (the reward time that sampling
+            did not hide).
+        """
+        start = time.perf_counter()
+        scorer, num_funcs = self.scorer, len(self.scorer.reward_funcs)
+        rewards = torch.zeros((len(self.rows), num_funcs), dtype=torch.float32)
+        try:
+            parts = [future.result() for future in self._futures]  # re-raises a reward's exception
+        finally:
+            self.close()
+        reward_time = sum(seconds for _, _, seconds in parts)
+        logs = RewardLogs.concatenate([part_logs for _, part_logs, _ in parts])
+        if parts:
+            rewards[:, self.overlapped] = torch.cat([part for part, _, _ in parts])
+        if not parts:
+            logs = RewardLogs(len(self.rows))
+        rest = [j for j in range(num_funcs) if j not in self.overlapped]
+        if rest:
+            began = time.perf_counter()
+            funcs = [scorer.reward_funcs[j] for j in rest]
+            rewards[:, rest] = scorer._call(funcs, self.images, self.rows, self.trainer_state, logs)
+            reward_time += time.perf_counter() - began
+        return rewards, logs, reward_time, time.perf_counter() - start
+
+    def close(self) -> None:
+        """Stop the worker: micro-batches not started yet are dropped (after an error, or when sampling failed)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
 
 @dataclass
 class Scores:
@@ -153,13 +290,17 @@ class Scorer:
         reward_funcs: Reward functions or built-in names (see `trl_flow_grpo.rewards`).
         preference_funcs: Pref-GRPO preference functions or built-in names (see `trl_flow_grpo.rewards.preferences`).
         args: The run's configuration (weights, advantage options, preference options, seed).
+        reward_weights: The reward functions' weights, instead of `args.reward_weights` (e.g. 1 each for the
+            evaluation rewards).
 
     Attributes:
         last_eval_extra: The reward functions' `log_extra` columns of the last `evaluate` call (column -> one value
             per gathered sample).
     """
 
-    def __init__(self, reward_funcs: Any, preference_funcs: Any, args: FlowGRPOConfig):
+    def __init__(
+        self, reward_funcs: Any, preference_funcs: Any, args: FlowGRPOConfig, reward_weights: list[float] | None = None
+    ):
         self.last_eval_extra: dict[str, list] = {}
         reward_funcs, preference_funcs = _as_list(reward_funcs), _as_list(preference_funcs)
         if not reward_funcs and not preference_funcs:
@@ -182,12 +323,13 @@ class Scorer:
         self.reward_func_names = [reward_func_name(f) for f in reward_funcs]
         self.reward_funcs: list[Callable] = [resolve_reward_func(f) for f in reward_funcs]
         self.reward_func_names = validation.unique_names(self.reward_func_names, "reward function")
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+        reward_weights = args.reward_weights if reward_weights is None else reward_weights
+        if reward_weights is not None and len(reward_weights) != len(self.reward_funcs):
             raise ValueError(
-                f"reward_weights has {len(args.reward_weights)} values but there are {len(self.reward_funcs)} "
+                f"reward_weights has {len(reward_weights)} values but there are {len(self.reward_funcs)} "
                 f"reward functions ({', '.join(self.reward_func_names)})."
             )
-        self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs))
+        self.reward_weights = torch.tensor(reward_weights or [1.0] * len(self.reward_funcs))
         validation.check_weights(self.reward_weights.tolist(), self.reward_func_names, self.preference_weights)
         self.reward_funcs = [
             with_timeout(f, args.reward_timeout, n) for f, n in zip(self.reward_funcs, self.reward_func_names)
@@ -205,18 +347,22 @@ class Scorer:
         generation: int,
         trainer_state: Any,
         dataset: Any,
+        stream: RewardStream | None = None,
     ) -> Scores:
         """Score this process's `images` (one per dataset row of `rows`, each with its `_row` group id).
 
         A collective operation. `generation` seeds the preference pairs; `dataset` is the training dataset, whose rows
-        give the preference functions the prompt and columns of each pair.
+        give the preference functions the prompt and columns of each pair. `stream`: the `RewardStream` to which
+        these images and rows were submitted during sampling (the rewards it computed are used); unset: the reward
+        functions are called here.
         """
         args, device = self.args, accelerator.device
-        prompts = [row["prompt"] for row in rows]
-        logs = RewardLogs(len(rows))
-        start = time.perf_counter()
-        rewards = self._call(prompts, images, rows, trainer_state, logs)
-        reward_time = time.perf_counter() - start
+        if stream is None:
+            stream = self.stream(trainer_state, overlap=False)
+            stream.submit(images, rows)
+        elif len(stream.rows) != len(rows) or [r["_row"] for r in stream.rows] != [r["_row"] for r in rows]:
+            raise RuntimeError("The rows submitted to the reward stream are not the rows scored; this is a bug.")
+        rewards, logs, reward_time, reward_wait = stream.collect()
 
         # Advantages need whole groups, which may span processes: gather, compute (every process the same).
         rewards = rewards.to(device)
@@ -252,16 +398,21 @@ class Scorer:
         check_finite(advantages, "advantages", trainer_state.global_step, "Check the rewards' scale.")
         metrics.update(self._reward_metrics(all_rewards, pointwise, advantages))
         metrics["time/reward_s"] = reward_time
+        metrics["time/reward_wait_s"] = reward_wait
         logged, extra = logs.gather()
         _add_logged_metrics(metrics, logged)
         return Scores(advantages=advantages, rewards=all_rewards, pointwise=pointwise, metrics=metrics, extra=extra)
 
+    def stream(self, trainer_state: Any, overlap: bool | None = None) -> RewardStream:
+        """A `RewardStream` for one generation batch; `overlap` defaults to the config's `overlap_rewards`."""
+        return RewardStream(self, trainer_state, self.args.overlap_rewards if overlap is None else overlap)
+
     def _call(
-        self, prompts: list[str], images: list[Image.Image], rows: list[dict], trainer_state: Any, logs: RewardLogs
+        self, funcs: list[Callable], images: list[Image.Image], rows: list[dict], trainer_state: Any, logs: RewardLogs
     ) -> torch.Tensor:
         return call_reward_funcs(
-            self.reward_funcs,
-            prompts,
+            funcs,
+            [row["prompt"] for row in rows],
             images,
             _columns(rows),
             trainer_state=trainer_state,
@@ -365,9 +516,8 @@ class Scorer:
         The reward functions' `log_metric` means are added as `{prefix}_{name}`; their `log_extra` columns are kept
         in `last_eval_extra`.
         """
-        prompts = [row["prompt"] for row in rows]
         logs = RewardLogs(len(rows))
-        rewards = self._call(prompts, images, rows, trainer_state, logs)
+        rewards = self._call(self.reward_funcs, images, rows, trainer_state, logs)
         all_rewards = torch.tensor(gather_object(rewards.tolist()), dtype=torch.float32).reshape(
             -1, len(self.reward_funcs)
         )
