@@ -36,11 +36,6 @@ def _score(prompt: str, *objects: tuple[str, str, float, float, float]) -> float
     return score_image(prompt, _image(*objects))[0]
 
 
-def _credit(prompt: str, *objects: tuple[str, str, float, float, float]) -> float:
-    """GenEval's partial credit (`correct` when 1), before the training score's exact-count terms."""
-    return score_image(prompt, _image(*objects))[1]["credit"]
-
-
 def _scenes(per_category: int, seed: int) -> list[Scene]:
     rng = random.Random(seed)
     return [
@@ -191,13 +186,13 @@ def test_exact_renders_score_one():
 
 def test_single_object_partial_credit():
     prompt = "a red circle"
-    assert _credit(prompt, ("red", "circle", 16, 16, 5)) == 1.0
-    assert _credit(prompt, ("blue", "circle", 16, 16, 5)) == 0.5  # wrong colour
-    assert _credit(prompt, ("red", "square", 16, 16, 5)) == 0.5  # wrong shape
-    assert _credit(prompt, ("blue", "square", 16, 16, 5)) == 0.0  # both wrong
+    assert _score(prompt, ("red", "circle", 16, 16, 5)) == 1.0
+    assert _score(prompt, ("blue", "circle", 16, 16, 5)) == 0.5  # wrong colour
+    assert _score(prompt, ("red", "square", 16, 16, 5)) == 0.5  # wrong shape
+    assert _score(prompt, ("blue", "square", 16, 16, 5)) == 0.0  # both wrong
     # the best detection counts; extra objects are not penalised
-    assert _credit(prompt, ("blue", "square", 8, 8, 4), ("red", "circle", 22, 22, 5)) == 1.0
-    assert _credit(prompt, ("blue", "square", 8, 8, 4), ("red", "triangle", 22, 22, 5)) == 0.5
+    assert _score(prompt, ("blue", "square", 8, 8, 4), ("red", "circle", 22, 22, 5)) == 1.0
+    assert _score(prompt, ("blue", "square", 8, 8, 4), ("red", "triangle", 22, 22, 5)) == 0.5
 
 
 def test_counting_partial_credit():
@@ -222,73 +217,41 @@ def test_counting_partial_credit():
 
 def test_two_object_partial_credit():
     prompt = "a red circle and a blue square"
-    assert _credit(prompt, ("red", "circle", 8, 16, 5), ("blue", "square", 24, 16, 5)) == 1.0
-    assert _credit(prompt, ("red", "circle", 8, 16, 5), ("blue", "circle", 24, 16, 5)) == 0.75  # (1 + 0.5) / 2
-    assert _credit(prompt, ("red", "triangle", 8, 16, 5), ("yellow", "square", 24, 16, 5)) == 0.5  # (.5 + .5) / 2
-    assert _credit(prompt, ("red", "circle", 8, 16, 5)) == 0.5  # (1 + 0) / 2: one object missing
+    assert _score(prompt, ("red", "circle", 8, 16, 5), ("blue", "square", 24, 16, 5)) == 1.0
+    assert _score(prompt, ("red", "circle", 8, 16, 5), ("blue", "circle", 24, 16, 5)) == 0.75  # (1 + 0.5) / 2
+    assert _score(prompt, ("red", "triangle", 8, 16, 5), ("yellow", "square", 24, 16, 5)) == 0.5  # (.5 + .5) / 2
+    assert _score(prompt, ("red", "circle", 8, 16, 5)) == 0.5  # (1 + 0) / 2: one object missing
     # One detection cannot serve both objects: a red square alone is (0.5 + 0) / 2.
-    assert _credit(prompt, ("red", "square", 16, 16, 5)) == 0.25
-    assert _credit(prompt, ("green", "triangle", 8, 16, 5), ("yellow", "triangle", 24, 16, 5)) == 0.0
+    assert _score(prompt, ("red", "square", 16, 16, 5)) == 0.25
+    assert _score(prompt, ("green", "triangle", 8, 16, 5), ("yellow", "triangle", 24, 16, 5)) == 0.0
 
 
 def test_position_partial_credit():
     prompt = "a red circle left of a blue square"
     left, right = (8, 16), (24, 16)
-    assert _credit(prompt, ("red", "circle", *left, 5), ("blue", "square", *right, 5)) == 1.0
-    assert _credit(prompt, ("red", "circle", *right, 5), ("blue", "square", *left, 5)) == 0.5  # swapped: 1 * 0.5
+    assert _score(prompt, ("red", "circle", *left, 5), ("blue", "square", *right, 5)) == 1.0
+    assert _score(prompt, ("red", "circle", *right, 5), ("blue", "square", *left, 5)) == 0.5  # swapped: 1 * 0.5
     # Swapped, and a blue circle instead of the square: (1 + 0.5) / 2 * 0.5 = 0.375 beats the crossed assignment
     # (blue circle as the red circle, red circle as the blue square: (0.5 + 0) / 2 * 1 = 0.25).
     score, details = score_image(prompt, _image(("red", "circle", *right, 5), ("blue", "circle", *left, 5)))
-    assert (
-        details["credit"] == 0.375 and details["object_credits"] == [1.0, 0.5] and details["relation_holds"] is False
-    )
+    assert score == 0.375 and details["object_credits"] == [1.0, 0.5] and details["relation_holds"] is False
     # Mostly vertical arrangement: 4 px to the left but 20 px above, so not "left of".
-    assert _credit(prompt, ("red", "circle", 10, 6, 4), ("blue", "square", 14, 26, 4)) == 0.5
+    assert _score(prompt, ("red", "circle", 10, 6, 4), ("blue", "square", 14, 26, 4)) == 0.5
     assert (
-        _credit("a red circle above a blue square", ("red", "circle", 10, 6, 4), ("blue", "square", 14, 26, 4)) == 1.0
+        _score("a red circle above a blue square", ("red", "circle", 10, 6, 4), ("blue", "square", 14, 26, 4)) == 1.0
     )
     # One object only: the relation cannot hold: (1 + 0) / 2 * 0.5.
-    assert _credit(prompt, ("red", "circle", *left, 5)) == 0.25
+    assert _score(prompt, ("red", "circle", *left, 5)) == 0.25
     # Vertical relations, exact and swapped.
     prompt = "a yellow triangle above a green circle"
-    assert _credit(prompt, ("yellow", "triangle", 16, 8, 5), ("green", "circle", 16, 24, 5)) == 1.0
-    assert _credit(prompt, ("yellow", "triangle", 16, 24, 5), ("green", "circle", 16, 8, 5)) == 0.5
+    assert _score(prompt, ("yellow", "triangle", 16, 8, 5), ("green", "circle", 16, 24, 5)) == 1.0
+    assert _score(prompt, ("yellow", "triangle", 16, 24, 5), ("green", "circle", 16, 8, 5)) == 0.5
     assert (
-        _credit(
+        _score(
             "a green circle below a yellow triangle", ("yellow", "triangle", 16, 8, 5), ("green", "circle", 16, 24, 5)
         )
         == 1.0
     )
-
-
-def test_the_score_adds_exact_counts_of_the_requested_shapes_as_flow_grpo_does():
-    """Extra copies of a requested shape pass GenEval's verdict but cost training reward; other shapes are ignored."""
-    prompt = "a red circle left of a blue square"
-    left, right = (8, 16), (24, 16)
-    exact = (("red", "circle", *left, 4), ("blue", "square", *right, 4))
-    score, details = score_image(prompt, _image(*exact))
-    assert score == 1.0 and details["correct"] and details["count_terms"] == {"circle": 1.0, "square": 1.0}
-    # A second red circle: still correct (GenEval lets extra objects pass), but the circle term is |2 - 1| / 1 -> 0.
-    score, details = score_image(prompt, _image(*exact, ("red", "circle", 16, 4, 3)))
-    assert details["correct"] and details["credit"] == 1.0 and details["count_terms"]["circle"] == 0.0
-    assert score == pytest.approx((1 + 0 + 1) / 3)
-    # An object of a shape the caption does not ask for is neither counted nor penalised.
-    score, details = score_image(prompt, _image(*exact, ("green", "triangle", 16, 26, 3)))
-    assert score == 1.0 and details["correct"]
-    # Two requests of one shape: "a green square left of a blue square" wants exactly two squares.
-    score, details = score_image(
-        "a green square left of a blue square", _image(("green", "square", *left, 4), ("blue", "square", *right, 4))
-    )
-    assert score == 1.0 and details["count_terms"] == {"square": 1.0}
-    score, details = score_image(
-        "a green square left of a blue square",
-        _image(("green", "square", *left, 4), ("blue", "square", *right, 4), ("blue", "square", 16, 4, 3)),
-    )
-    assert details["correct"] and details["count_terms"] == {"square": pytest.approx(0.5)}
-    assert score == pytest.approx((1 + 0.5) / 2)
-    # A missing object costs credit and its count term: "a red circle" alone for the two-object caption.
-    score, details = score_image("a red circle and a blue square", _image(("red", "circle", 16, 16, 5)))
-    assert details["credit"] == 0.5 and score == pytest.approx((0.5 + 1 + 0) / 3) and not details["correct"]
 
 
 # ------------------------------------------------------------------------------------------------------- robustness
@@ -335,8 +298,7 @@ def test_shapes_geneval_reward_function():
     prompts = ["a red circle", "a red circle", "two blue squares"]
     images = [_image(("red", "circle", 16, 16, 5)), _image(("red", "square", 16, 16, 5)), Image.new("RGB", (32, 32))]
     rewards = shapes_geneval(prompts=prompts, images=images, category=["single_object"] * 3, trainer_state=None)
-    # A red square for "a red circle": credit 0.5 (the colour), no circle at all: count term 0.
-    assert rewards == [1.0, 0.25, 0.0] and all(isinstance(r, float) for r in rewards)
+    assert rewards == [1.0, 0.5, 0.0] and all(isinstance(r, float) for r in rewards)
     with pytest.raises(ValueError, match="prompts"):
         shapes_geneval(prompts=prompts, images=images[:2])
 
@@ -359,12 +321,11 @@ def test_evaluate():
     ]
     results = evaluate(prompts, images)
     assert results["accuracy"] == pytest.approx(2 / 5)
-    # Scores: 1; (0.5 + 0) / 2 (a red square: no circle); 1; 0 (black); (0.5 + 1 + 1) / 3 (swapped, counts exact).
-    assert results["score"] == pytest.approx((1 + 0.25 + 1 + 0 + 2.5 / 3) / 5)
-    assert results["accuracy/single_object"] == 0.5 and results["score/single_object"] == 0.625
+    assert results["score"] == pytest.approx((1 + 0.5 + 1 + 0 + 0.5) / 5)
+    assert results["accuracy/single_object"] == 0.5 and results["score/single_object"] == 0.75
     assert results["accuracy/counting"] == 1.0
     assert results["accuracy/two_object"] == 0.0 and results["score/two_object"] == 0.0
-    assert results["accuracy/position"] == 0.0 and results["score/position"] == pytest.approx(2.5 / 3)
+    assert results["accuracy/position"] == 0.0 and results["score/position"] == 0.5
     assert set(results) == {"accuracy", "score"} | {f"{k}/{c}" for k in ("accuracy", "score") for c in CATEGORIES}
     only_counting = evaluate(["two blue squares"], [images[2]])
     assert set(only_counting) == {"accuracy", "score", "accuracy/counting", "score/counting"}

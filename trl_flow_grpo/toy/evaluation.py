@@ -29,9 +29,7 @@ class HeldoutResult:
     Attributes:
         prompts: The distinct captions, in evaluation order.
         categories: The category of each caption.
-        scores: `(len(prompts), images_per_prompt)` partial credit of each image (the training reward).
-        correct_mask: Same shape, 1.0 where an image passes the GenEval-style checks (`score_image`'s
-            `details["correct"]`). Unset: where the score is 1 (a score of 1 is always correct).
+        scores: `(len(prompts), images_per_prompt)` partial credit of each image (1.0 = correct).
         images: The images, caption-major (`images[i * K + k]` is seed `k` of caption `i`); empty if not kept.
         settings: How the images were made (steps, guidance, seed, images per prompt).
     """
@@ -41,15 +39,9 @@ class HeldoutResult:
     scores: np.ndarray
     images: list = field(default_factory=list, repr=False)
     settings: dict = field(default_factory=dict)
-    correct_mask: np.ndarray | None = None
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, dtype=np.float64)
-        if self.correct_mask is None:
-            self.correct_mask = self.scores == 1.0
-        self.correct_mask = np.asarray(self.correct_mask, dtype=np.float64)
-        if self.correct_mask.shape != self.scores.shape:
-            raise ValueError(f"correct_mask has shape {self.correct_mask.shape}, scores {self.scores.shape}")
         if self.scores.shape[0] != len(self.prompts) or len(self.categories) != len(self.prompts):
             raise ValueError(
                 f"{len(self.prompts)} prompts, {len(self.categories)} categories and scores of shape "
@@ -58,8 +50,8 @@ class HeldoutResult:
 
     @property
     def correct(self) -> np.ndarray:
-        """1.0 where an image is correct (passes the GenEval-style checks), else 0.0."""
-        return self.correct_mask
+        """1.0 where an image is correct (score 1), else 0.0."""
+        return (self.scores == 1.0).astype(np.float64)
 
     def _rows(self, metric: str, category: str | None) -> tuple[np.ndarray, list[str]]:
         values = self.correct if metric == "accuracy" else self.scores
@@ -108,7 +100,6 @@ class HeldoutResult:
             "prompts": self.prompts,
             "categories": self.categories,
             "scores": self.scores.tolist(),
-            "correct": self.correct_mask.tolist(),
         }
 
 
@@ -158,16 +149,14 @@ def evaluate_heldout(
         batch_size=batch_size,
         progress=progress,
     )
-    verdicts = [score_image(p, im) for p, im in zip(repeated, images)]
-    scores = np.array([score for score, _ in verdicts]).reshape(len(captions), -1)
-    correct = np.array([details["correct"] for _, details in verdicts], dtype=np.float64).reshape(scores.shape)
+    scores = np.array([score_image(p, im)[0] for p, im in zip(repeated, images)]).reshape(len(captions), -1)
     settings = {
         "images_per_prompt": images_per_prompt,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "seed": seed,
     }
-    return HeldoutResult(captions, categories, scores, images if keep_images else [], settings, correct)
+    return HeldoutResult(captions, categories, scores, images if keep_images else [], settings)
 
 
 def format_result(result: HeldoutResult, title: str = "held-out") -> str:

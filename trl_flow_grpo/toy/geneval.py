@@ -23,7 +23,7 @@ Detection (`detect_objects`):
 Scoring (`score_image`), GenEval-style partial credit in [0, 1]. The credit of a detection for a requested object
 is 1 if both its colour and its shape match, 0.5 if exactly one of them matches, 0 otherwise.
 
-- ``single_object`` "a red circle": the best credit over all detections.
+- ``single_object`` "a red circle": the best credit over all detections (extra objects are not penalised).
 - ``counting`` "three green triangles": with k the number of detections of the right colour *and* shape (objects
   of another colour or shape are ignored, they neither count nor penalise), ``max(0, 1 - |k - n| / n)``.
 - ``two_object`` "a red circle and a blue square": the mean of the two objects' credits, maximised over assignments
@@ -35,18 +35,7 @@ is 1 if both its colour and its shape match, 0.5 if exactly one of them matches,
   offset is at least half of the centroid distance (within 60 degrees of the axis; like GenEval, which also rejects
   mostly-vertical arrangements for "left of"); likewise for the other relations.
 
-This *credit* is GenEval's verdict: a sample is ``correct`` when its credit is 1 (e.g. a counting sample with exactly
-n matching objects). Like GenEval, it lets extra objects pass outside counting: "a red circle and a blue square" with a
-second red circle is correct.
-
-The *score* (the RL reward, ``shapes_geneval``) adds Flow-GRPO's exact-count terms, as Flow-GRPO's partial-credit
-GenEval reward does: outside counting, for each requested shape s (requested n_s times; the "class" of GenEval) with
-k_s detections of that shape, a term ``max(0, 1 - |k_s - n_s| / n_s)``, and the score is the mean of the credit and
-these terms. Without them, drawing extra copies of the requested shapes makes two-object and position captions easier
-to satisfy (some pair of detections then fits), and a policy trained on that credit learns to draw more objects,
-which breaks counting (measured: after 90 steps, "two ..." captions were drawn with 3-4 objects in 28 of 48 images,
-against 15 of 48 before; docs/toy_world.md). A score of 1 implies ``correct``; a correct sample with extra copies
-scores less than 1. Counting's score is its credit (already exact).
+A sample is ``correct`` when its score is 1, e.g. a counting sample with exactly n matching objects.
 """
 
 from __future__ import annotations
@@ -382,21 +371,8 @@ def _score_parsed(
         details["object_credits"] = list(credits)
         if parsed.relation is not None:
             details["relation_holds"] = bool(holds)
-    # Correct: GenEval's verdict, which lets extra objects pass (all but counting). The training score adds
-    # Flow-GRPO's exact-count terms, one per requested shape, so that extra copies cost reward.
-    details["credit"] = score
-    details["correct"] = score == 1.0
-    if parsed.category != "counting":
-        expected: dict[str, int] = {}
-        for requirement in parsed.requirements:
-            expected[requirement.shape] = expected.get(requirement.shape, 0) + 1
-        terms = {
-            shape: max(0.0, 1.0 - abs(sum(d.shape == shape for d in detections) - n) / n)
-            for shape, n in expected.items()
-        }
-        details["count_terms"] = terms
-        score = (score + sum(terms.values())) / (1 + len(terms))
     details["score"] = score
+    details["correct"] = score == 1.0
     details["detections"] = [_detection_dict(d) for d in detections]
     return score, details
 
@@ -405,9 +381,7 @@ def score_image(prompt: str, image: Image.Image | np.ndarray) -> tuple[float, di
     """Score how well `image` depicts `prompt` (partial credit in [0, 1], rules in the module docstring).
 
     Returns:
-        ``(score, details)`` where `details` holds ``"category"``, ``"score"``, ``"credit"`` (GenEval-style partial
-        credit), ``"correct"`` (GenEval's verdict: credit 1), ``"count_terms"`` (outside counting: the exact-count
-        term of each requested shape),
+        ``(score, details)`` where `details` holds ``"category"``, ``"score"``, ``"correct"`` (score == 1),
         ``"detections"`` (colour, shape, area, centroid, bbox of each detected object) and per category
         ``"object_credit"`` (single_object), ``"expected_count"`` / ``"detected_count"`` (counting),
         ``"object_credits"`` (two_object, position) and ``"relation_holds"`` (position).
@@ -438,26 +412,25 @@ def evaluate(prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray])
     """GenEval-style summary of a set of generations.
 
     Returns:
-        ``"accuracy"`` (fraction of correct samples, `score_image`'s ``details["correct"]``) and ``"score"`` (mean
-        partial credit) over all samples,
+        ``"accuracy"`` (fraction of samples with score 1) and ``"score"`` (mean partial credit) over all samples,
         and ``"accuracy/<category>"`` / ``"score/<category>"`` for each category present among the prompts.
     """
     if len(prompts) != len(images):
         raise ValueError(f"got {len(prompts)} prompts and {len(images)} images")
     if not prompts:
         raise ValueError("evaluate needs at least one sample")
-    per_category: dict[str, list[tuple[float, bool]]] = {}
+    per_category: dict[str, list[float]] = {}
     for prompt, image in zip(prompts, images):
         score, details = score_image(prompt, image)
-        per_category.setdefault(details["category"], []).append((score, details["correct"]))
-    every = [verdict for verdicts in per_category.values() for verdict in verdicts]
+        per_category.setdefault(details["category"], []).append(score)
+    all_scores = [score for scores in per_category.values() for score in scores]
     results = {
-        "accuracy": float(np.mean([correct for _, correct in every])),
-        "score": float(np.mean([score for score, _ in every])),
+        "accuracy": float(np.mean([score == 1.0 for score in all_scores])),
+        "score": float(np.mean(all_scores)),
     }
     for category in CATEGORIES:
         if category in per_category:
-            verdicts = per_category[category]
-            results[f"accuracy/{category}"] = float(np.mean([correct for _, correct in verdicts]))
-            results[f"score/{category}"] = float(np.mean([score for score, _ in verdicts]))
+            scores = per_category[category]
+            results[f"accuracy/{category}"] = float(np.mean([score == 1.0 for score in scores]))
+            results[f"score/{category}"] = float(np.mean(scores))
     return results
