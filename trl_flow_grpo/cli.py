@@ -37,10 +37,6 @@ DEMO_OVERRIDES = {
     "reward_funcs": ["shapes_geneval"],
     "use_peft": False,  # 2.3M parameters: full fine-tuning (the recipe's learning rate is for it)
     "max_steps": 50,
-    # A short run can take bigger steps than a long one: lr 3e-4 with a KL leash (beta 0.04) gains the most in 50
-    # steps (docs/toy_world.md); for long runs, the recipe's 1e-4 without KL (3e-4 rises, then falls back).
-    "learning_rate": 3e-4,
-    "beta": 0.04,
     "logging_steps": 10,
     "save_strategy": "no",
     "report_to": "none",
