@@ -500,7 +500,7 @@ def test_model_card_renders_from_the_packaged_template():
     assert "| `jpeg_compressibility` | -2.0000 (step 1) | -1.5000 (step 9) | +0.5000 |" in text
     assert "| LoRA target modules | to_q, to_k |" in text
     assert 'pipe.load_lora_weights("user/repo")' in text
-    assert 'image = pipe("a photo of a cat", num_inference_steps=10, guidance_scale=4.5).images[0]' in text
+    assert 'image = pipe(prompt="a photo of a cat", num_inference_steps=10, guidance_scale=4.5).images[0]' in text
     assert (
         text.index("## How to use")
         < text.index("## Base model")

@@ -955,7 +955,7 @@ def sample(argv: list[str]) -> None:
         generator = torch.Generator(device).manual_seed(args.seed + k)
         with switched():
             image = pipe(
-                prompt,
+                prompt=prompt,  # by name: FLUX.2 and editing pipelines take `image` first
                 num_inference_steps=args.num_inference_steps,
                 height=args.height,
                 width=args.width,

@@ -225,7 +225,7 @@ def evaluate(argv: list[str]) -> dict:
     for row in tqdm(rows, desc="evaluate"):
         for k in range(k_images):
             image = pipe(
-                row["prompt"],
+                prompt=row["prompt"],  # by name: FLUX.2 pipelines take `image` first
                 num_inference_steps=args.num_inference_steps,
                 height=args.height,
                 width=args.width,

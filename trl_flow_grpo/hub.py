@@ -245,7 +245,7 @@ def _usage_code(
     hybrid = is_lora and hybrid_steps is not None
     if hybrid:
         call_args += ", callback_on_step_end=base_model_after"
-    call = f"image = pipe({json.dumps(prompt, ensure_ascii=False)}, {call_args}).images[0]"
+    call = f"image = pipe(prompt={json.dumps(prompt, ensure_ascii=False)}, {call_args}).images[0]"
     if is_lora:
         lines = [
             "import torch",
