@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 
-__all__ = ["default_device", "import_extra", "offloaded"]
+__all__ = ["check_prompts_and_images", "default_device", "import_extra", "offloaded"]
 
 
 def default_device() -> torch.device:
@@ -36,6 +37,14 @@ def import_extra(module: str, package: str, extra: str, reward: str) -> ModuleTy
             f"The {reward} reward needs the `{package}` package (module `{module}`), which is not installed: "
             f'pip install "trl-flow-grpo[{extra}]" (or pip install {package}). Import error: {error}'
         ) from error
+
+
+def check_prompts_and_images(prompts: Sequence[str], images: Sequence[Any], reward: str) -> None:
+    """The inputs of a prompt-image reward model: one prompt string per image, or an error naming `reward`."""
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
+    if not all(isinstance(prompt, str) for prompt in prompts):
+        raise TypeError(f"{reward} needs one prompt string per image")
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._models import default_device, offloaded
+from ._models import check_prompts_and_images, default_device, offloaded
 from .compression import _to_rgb_image
 
 __all__ = ["CLIP_SCORE_MODEL_ID", "CLIP_SCORE_WEIGHT", "CLIPScoreReward", "clip_score_reward"]
@@ -127,10 +127,7 @@ class CLIPScoreReward:
     @torch.no_grad()
     def cosine(self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         """Cosine similarity of `images[i]` and `prompts[i]` in CLIP's embedding space (float32 CPU tensor)."""
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-        if not all(isinstance(prompt, str) for prompt in prompts):
-            raise TypeError("CLIPScore needs one prompt string per image")
+        check_prompts_and_images(prompts, images, "CLIPScore")
         if len(images) == 0:
             return torch.empty(0, dtype=torch.float32)
         self.load()

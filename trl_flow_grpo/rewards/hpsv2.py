@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._models import default_device, import_extra, offloaded
+from ._models import check_prompts_and_images, default_device, import_extra, offloaded
 from .compression import _to_rgb_image
 
 __all__ = [
@@ -159,10 +159,7 @@ class HPSv2Reward:
     @torch.no_grad()
     def score(self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         """HPSv2 score (cosine) of `images[i]` for `prompts[i]`, a float32 CPU tensor of shape `(len(images),)`."""
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-        if not all(isinstance(prompt, str) for prompt in prompts):
-            raise TypeError("HPSv2 needs one prompt string per image")
+        check_prompts_and_images(prompts, images, "HPSv2")
         if len(images) == 0:
             return torch.empty(0, dtype=torch.float32)
         self.load()

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ._models import default_device, offloaded
+from ._models import check_prompts_and_images, default_device, offloaded
 from .aesthetic import AestheticMLP
 from .compression import _to_rgb_image
 
@@ -331,10 +331,7 @@ class ImageRewardReward:
     @torch.no_grad()
     def score(self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         """ImageReward of `images[i]` for `prompts[i]`, a float32 CPU tensor of shape `(len(images),)`."""
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-        if not all(isinstance(prompt, str) for prompt in prompts):
-            raise TypeError("ImageReward needs one prompt string per image")
+        check_prompts_and_images(prompts, images, "ImageReward")
         if len(images) == 0:
             return torch.empty(0, dtype=torch.float32)
         self.load()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._models import check_prompts_and_images
 from .compression import _to_rgb_image
 
 __all__ = [
@@ -137,10 +138,7 @@ class PickScoreReward:
 
         Scores are raw (`logit_scale.exp() * cosine`), or divided by 26 when `normalize=True`.
         """
-        if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-        if not all(isinstance(prompt, str) for prompt in prompts):
-            raise TypeError("PickScore needs one prompt string per image")
+        check_prompts_and_images(prompts, images, "PickScore")
         if len(images) == 0:
             return torch.empty(0, dtype=torch.float32)
         self.load()
