@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/reward_hacking.py [--max_steps 60] [--seeds 0 1] [--hack_weight 0.1]
         [--feature saturation|brightness] [--arms flow_grpo kl_mean ...] [--beta 0.04] [--hybrid_steps 6]
         [--images_per_prompt 4] [--num_captions N] [--output_dir benchmarks/results/reward_hacking]
+    python benchmarks/reward_hacking.py --merge DIR [DIR ...] --output_dir benchmarks/results/reward_hacking
 
 The reward is the task reward `shapes_geneval` plus `hack_weight` x a feature of the image the task does not ask for
 (`saturation`: mean HSV saturation; `brightness`: mean HSV value; both in [0, 1]), as a second reward function with
@@ -26,7 +27,9 @@ after minus before). A leash that works keeps the accuracy gain with a small dri
 and `drift_vs_accuracy.png` to `--output_dir`.
 
 The full budget (6 arms, 2 seeds, 60 steps) takes hours on a CPU; `--max_steps 2 --seeds 0 --images_per_prompt 1
---num_captions 24` is a smoke test (about one CPU minute; 2-3 minutes on a shared 2-core machine).
+--num_captions 24` is a smoke test (about one CPU minute; 2-3 minutes on a shared 2-core machine). To use both cores,
+run one process per seed (`--seeds 0 --output_dir A`, `--seeds 1 --output_dir B`, one thread each) and `--merge A B`
+writes the table and plot of all of them (the base evaluation is the same fixed-seed one in every process).
 """
 
 from __future__ import annotations
@@ -180,6 +183,16 @@ def run(cli) -> dict:
         f"base model: held-out accuracy {before.estimate('accuracy')}, {cli.feature} {before_feature:.4f}", flush=True
     )
     rows = []
+
+    def results() -> dict:
+        return {
+            "settings": {k: v for k, v in vars(cli).items()},
+            "threads": torch.get_num_threads(),
+            "num_captions": len(before.prompts),
+            "base": {"accuracy": before.estimate("accuracy").value, "feature": before_feature},
+            "runs": rows,
+        }
+
     for seed in cli.seeds:
         for arm in (a for a in cli.arms if a != "hybrid"):
             trainer, seconds = train_arm(arm, seed, cli)
@@ -193,13 +206,8 @@ def run(cli) -> dict:
                 rows.append(row("hybrid", seed, before, before_feature, after, after_feature, 0.0, steps))
                 print(_line(rows[-1], cli.feature), flush=True)
             del trainer
-    return {
-        "settings": {k: v for k, v in vars(cli).items()},
-        "threads": torch.get_num_threads(),
-        "num_captions": len(before.prompts),
-        "base": {"accuracy": before.estimate("accuracy").value, "feature": before_feature},
-        "runs": rows,
-    }
+            write(results(), cli.output_dir, quiet=True)  # after every arm: a crash loses at most the running one
+    return results()
 
 
 def _line(r: dict, feature: str) -> str:
@@ -278,21 +286,48 @@ def main() -> None:
     parser.add_argument("--num_captions", type=int, default=None, help="The first N held-out captions (default all).")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     parser.add_argument("--output_dir", default="benchmarks/results/reward_hacking")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="DIR", help="Merge these runs' results.json into --output_dir (no training)."
+    )
     cli = parser.parse_args()
+    if cli.merge:
+        os.makedirs(cli.output_dir, exist_ok=True)
+        write(merge([json.load(open(os.path.join(d, "results.json"))) for d in cli.merge]), cli.output_dir)
+        return
     if not 0 <= cli.hybrid_steps <= 10:
         raise SystemExit(
             f"--hybrid_steps must be in [0, 10] (the held-out evaluation's ODE steps), got {cli.hybrid_steps}."
         )
     os.makedirs(cli.output_dir, exist_ok=True)
     torch.set_num_threads(cli.threads)
-    results = run(cli)
-    with open(os.path.join(cli.output_dir, "results.json"), "w") as f:
+    write(run(cli), cli.output_dir)
+
+
+def merge(parts: list[dict]) -> dict:
+    """One results dictionary from several processes' (one per seed): their runs, the first one's settings."""
+    keys = ("feature", "hack_weight", "max_steps", "images_per_prompt", "beta", "hybrid_steps", "num_captions")
+    for part in parts[1:]:
+        for key in keys:
+            if part["settings"].get(key) != parts[0]["settings"].get(key):
+                raise SystemExit(
+                    f"cannot merge runs with different {key}: {parts[0]['settings'].get(key)!r} and "
+                    f"{part['settings'].get(key)!r}"
+                )
+    merged = dict(parts[0])
+    merged["settings"] = {**parts[0]["settings"], "seeds": [s for p in parts for s in p["settings"]["seeds"]]}
+    merged["runs"] = [r for p in parts for r in p["runs"]]
+    return merged
+
+
+def write(results: dict, output_dir: str, quiet: bool = False) -> None:
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     text = table(results)
-    with open(os.path.join(cli.output_dir, "table.md"), "w") as f:
+    with open(os.path.join(output_dir, "table.md"), "w") as f:
         f.write(text)
-    plot(results, os.path.join(cli.output_dir, "drift_vs_accuracy.png"))
-    print(text + f"wrote {cli.output_dir}/results.json, table.md and drift_vs_accuracy.png", flush=True)
+    plot(results, os.path.join(output_dir, "drift_vs_accuracy.png"))
+    if not quiet:
+        print(text + f"wrote {output_dir}/results.json, table.md and drift_vs_accuracy.png", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from trl_flow_grpo.toy import make_prompt_dataset
 from trl_flow_grpo.toy.evaluation import evaluate_heldout, format_comparison
 from trl_flow_grpo.toy.model import load_shapes_pipeline
 from trl_flow_grpo.toy.recipe import SHAPES_RECIPE, parse_override
+from trl_flow_grpo.toy.shapes import MIXES
 
 
 class HeldoutCurve(TrainerCallback):
@@ -92,11 +93,24 @@ def run_seed(seed: int, recipe: dict, cli) -> dict:
             "log_completions": False,
         }
     )
+    peft_config = None
+    if cli.lora_rank is not None:
+        from peft import LoraConfig
+
+        from trl_flow_grpo.pipelines.sd3 import LORA_TARGET_MODULES
+
+        peft_config = LoraConfig(
+            r=cli.lora_rank,
+            lora_alpha=cli.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=list(LORA_TARGET_MODULES),
+        )
     trainer = FlowGRPOTrainer(
         pipe,
         "shapes_geneval",
         args=args,
-        train_dataset=make_prompt_dataset(4096, seed=seed, split="train"),
+        peft_config=peft_config,
+        train_dataset=make_prompt_dataset(4096, seed=seed, split="train", mix=cli.mix),
     )
     curve = HeldoutCurve(
         trainer.pipeline,
@@ -216,6 +230,15 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="Training-time budget (evaluations excluded).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Recipe override key=value.")
+    parser.add_argument(
+        "--lora_rank", type=int, default=None, help="Train a LoRA of this rank (alpha = rank), not the whole model."
+    )
+    parser.add_argument(
+        "--mix",
+        default="balanced",
+        choices=MIXES,
+        help="Training prompts: balanced over categories, or every caption equally likely (the held-out mix).",
+    )
     parser.add_argument("--eval_every", type=int, default=25)
     parser.add_argument("--curve_images_per_prompt", type=int, default=2)
     parser.add_argument("--final_images_per_prompt", type=int, default=16)
@@ -234,12 +257,14 @@ def main() -> None:
     for item in cli.overrides:
         key, value = parse_override(item)
         recipe[key] = value
+    changes = cli.overrides + ([f"mix={cli.mix}"] if cli.mix != "balanced" else [])
+    changes += [f"lora_rank={cli.lora_rank}"] if cli.lora_rank is not None else []
     runs = [run_seed(seed, recipe, cli) for seed in cli.seeds]
     results = {
-        "title": cli.title or "Flow-GRPO on the shapes world: " + (", ".join(cli.overrides) or "demo recipe"),
+        "title": cli.title or "Flow-GRPO on the shapes world: " + (", ".join(changes) or "demo recipe"),
         "recipe": recipe,
         "settings": {k: v for k, v in vars(cli).items() if k != "overrides"},
-        "overrides": cli.overrides,
+        "overrides": changes,  # the recipe overrides and the prompt mix: the row's label in --report
         "threads": cli.threads,
         "runs": runs,
     }

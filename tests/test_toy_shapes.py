@@ -228,6 +228,20 @@ def test_make_prompt_dataset():
         make_prompt_dataset(4, seed=0, split="val")
 
 
+def test_make_prompt_dataset_caption_mix():
+    """mix="captions": every training caption exactly once per pass, so the categories come in the proportions of the
+    held-out evaluation (position dominates), with the right category column; an unknown mix names the choices."""
+    train = all_captions("train")
+    dataset = make_prompt_dataset(len(train), seed=0, split="train", mix="captions")
+    assert sorted(dataset["prompt"]) == sorted(train)
+    assert Counter(dataset["category"]) == Counter(caption_category(c) for c in train)
+    assert all(caption_category(p) == c for p, c in zip(dataset["prompt"], dataset["category"]))
+    counting = make_prompt_dataset(30, seed=1, split="test", categories=["counting", "position"], mix="captions")
+    assert set(counting["category"]) <= {"counting", "position"} and len(set(counting["prompt"])) == 30
+    with pytest.raises(ValueError, match="'balanced', 'captions'"):
+        make_prompt_dataset(4, seed=0, split="train", mix="uniform")
+
+
 def test_make_image_dataset():
     images, captions = make_image_dataset(12, seed=5)
     assert len(images) == len(captions) == 12

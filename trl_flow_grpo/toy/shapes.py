@@ -76,6 +76,8 @@ NUMBERS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 """Number words. Captions write a single object with "a"; ``counting`` captions use 2, 3 and 4."""
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 CATEGORIES: tuple[str, ...] = ("single_object", "counting", "two_object", "position")
+MIXES: tuple[str, ...] = ("balanced", "captions")
+"""`make_prompt_dataset` mixes: balanced over categories, or every caption equally likely (the held-out mix)."""
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 
 COUNTING_NUMBERS: tuple[int, ...] = (2, 3, 4)
@@ -391,12 +393,21 @@ def sample_scene(
 # --------------------------------------------------------------------------------------------------------- datasets
 
 
-def make_prompt_dataset(num_prompts: int, seed: int, split: str, categories: Sequence[str] | None = None) -> Dataset:
+def make_prompt_dataset(
+    num_prompts: int,
+    seed: int,
+    split: str,
+    categories: Sequence[str] | None = None,
+    mix: str = "balanced",
+) -> Dataset:
     """A `datasets.Dataset` of `num_prompts` prompts of `split`, with columns ``"prompt"`` and ``"category"``.
 
-    The rows are balanced over `categories` (all of `CATEGORIES` by default; counts differ by at most one). Within a
-    category the prompts cycle through a shuffled list of its captions (reshuffled after each pass), so every caption
-    appears before any repeats. Row order is shuffled; everything is deterministic given `seed`.
+    With ``mix="balanced"`` the rows are balanced over `categories` (all of `CATEGORIES` by default; counts differ by
+    at most one), and within a category the prompts cycle through a shuffled list of its captions. With
+    ``mix="captions"`` every caption of those categories is equally likely, so the categories come in the proportions
+    of their captions (the held-out evaluation's mix: position has 422 of the 567 training captions). Either way the
+    prompts cycle through a shuffled list (reshuffled after each pass), so every caption appears before any repeats.
+    Row order is shuffled; everything is deterministic given `seed`.
     """
     from datasets import Dataset
 
@@ -408,8 +419,13 @@ def make_prompt_dataset(num_prompts: int, seed: int, split: str, categories: Seq
         _check_category(category)
     if num_prompts < 0:
         raise ValueError(f"num_prompts must be >= 0, got {num_prompts}")
+    if mix not in MIXES:
+        raise ValueError(f"mix must be one of {MIXES}, got {mix!r}.")
     rng = random.Random(seed)
     pools = {category: list(_captions_by_category(split)[category]) for category in categories}
+    if mix == "captions":  # one pool of every caption: categories in the proportions of their captions
+        pools = {"all": [caption for category in categories for caption in pools[category]]}
+        categories = ("all",)
     queues: dict[str, list[str]] = {category: [] for category in categories}
     rows: list[tuple[str, str]] = []
     for index in range(num_prompts):
@@ -417,7 +433,8 @@ def make_prompt_dataset(num_prompts: int, seed: int, split: str, categories: Seq
         if not queues[category]:
             queues[category] = pools[category][:]
             rng.shuffle(queues[category])
-        rows.append((queues[category].pop(), category))
+        caption = queues[category].pop()
+        rows.append((caption, caption_category(caption) if mix == "captions" else category))
     rng.shuffle(rows)
     return Dataset.from_dict({"prompt": [row[0] for row in rows], "category": [row[1] for row in rows]})
 
