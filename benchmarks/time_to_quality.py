@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes_learning import run_seed  # noqa: E402
 
 from trl_flow_grpo.toy.recipe import SHAPES_RECIPE  # noqa: E402
+from trl_flow_grpo.toy.shapes import MIXES  # noqa: E402
 
 METHODS: dict[str, dict] = {
     "flow_grpo": {"sde_window": "full"},
@@ -182,6 +183,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     parser.add_argument("--output_dir", default="benchmarks/results/time_to_quality")
     parser.add_argument("--save_model_dir", default=None, help="Save each trained transformer under this folder.")
+    parser.add_argument(
+        "--mix", default="balanced", choices=MIXES, help="Training prompts (toy.make_prompt_dataset's mix)."
+    )
     parser.add_argument("--report", nargs="+", default=None, help="Merge finished runs' results.json; no training.")
     parser.add_argument("--report_plot", default=None, help="With --report: write the merged plot (and its .json).")
     cli = parser.parse_args()
@@ -201,6 +205,8 @@ def main() -> None:
             curve_images_per_prompt=2,
             final_images_per_prompt=cli.final_images_per_prompt,
             save_model_dir=os.path.join(cli.save_model_dir, method) if cli.save_model_dir else None,
+            mix=cli.mix,
+            lora_rank=None,
         )
         print(f"=== {method}: {METHODS[method]}", flush=True)
         runs[method] = [run_seed(seed, recipe, options) for seed in cli.seeds]
