@@ -237,3 +237,22 @@ def test_edit_plus_training_gives_rewards_the_source_images_and_the_lora_loads_i
     reference = pipeline_output(make_tiny_qwen_image_edit_plus_pipeline(seed=0), "add a circle", source_image(5),
                                 noise, 4.0)  # fmt: skip
     assert (theirs - reference).abs().max() > 1e-3  # the LoRA really changes the edits
+
+
+def test_the_edit_plus_example_builds_its_config(monkeypatch, tmp_path):
+    """examples/qwen_image_edit_plus.py imports the Kontext example's rewards from its folder and builds a valid
+    configuration (nothing is downloaded)."""
+    import importlib.util
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    monkeypatch.syspath_prepend(str(examples))  # `python examples/qwen_image_edit_plus.py` puts it on sys.path
+    spec = importlib.util.spec_from_file_location("qwen_image_edit_plus", examples / "qwen_image_edit_plus.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cli = example.parse_args(["--dataset_name", "my-edits", "--output_dir", str(tmp_path)])
+    config = example.make_config(cli, evaluate=False)
+    assert cli.model_id == "Qwen/Qwen-Image-Edit-2509" and (config.height, config.width) == (1024, 1024)
+    assert config.guidance_scale == QwenImageEditPlusAdapter.default_guidance_scale
+    assert config.source_image_column == "image" and len(config.reward_weights) == 2
+    assert set(example.LORA_CONFIG.target_modules) == set(tiny_lora_config().target_modules)
