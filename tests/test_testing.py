@@ -229,6 +229,8 @@ NEW_FAMILY_BUILDERS = {
     "flux2_klein": "make_tiny_flux2_klein_pipeline",
     "flux2_dev": "make_tiny_flux2_pipeline",
     "qwen_image_21": "make_tiny_qwen_image_21_pipeline",
+    "qwen_image_edit_plus": "make_tiny_qwen_image_edit_plus_pipeline",
+    "qwen_image_edit": "make_tiny_qwen_image_edit_pipeline",
 }
 
 

@@ -46,9 +46,9 @@ class FlowGRPOConfig(TrainingArguments):
         max_sequence_length (`int`, *optional*, defaults to `256`):
             Maximum number of T5 tokens of a prompt (SD3's `max_sequence_length`).
         source_image_column (`str`, *optional*, defaults to `"image"`):
-            For image-editing pipelines (FLUX.1-Kontext): the dataset column holding each prompt's source image (a
-            PIL image, e.g. a `datasets.Image` feature). Rollouts are conditioned on it, and reward and preference
-            functions receive it as the keyword `source_images`. Ignored by text-to-image pipelines.
+            For image-editing pipelines (FLUX.1-Kontext, Qwen-Image-Edit): the dataset column holding each prompt's
+            source image (a PIL image, e.g. a `datasets.Image` feature). Rollouts are conditioned on it, and reward
+            and preference functions receive it as the keyword `source_images`. Ignored by text-to-image pipelines.
 
         > Parameters that control the rollout (sampling)
 

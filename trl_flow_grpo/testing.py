@@ -19,7 +19,10 @@ encoder; FLUX's dynamic-shift scheduler), [`make_tiny_qwen_image_pipeline`] a [`
 [`make_tiny_z_image_pipeline`] a [`~diffusers.ZImagePipeline`] (a tiny Qwen3 text encoder with a chat template),
 [`make_tiny_flux2_klein_pipeline`] a [`~diffusers.Flux2KleinPipeline`] and [`make_tiny_flux2_pipeline`] a
 [`~diffusers.Flux2Pipeline`] (FLUX.2-dev's layout with a tiny Mistral 3 text encoder), and
-[`make_tiny_qwen_image_21_pipeline`] a [`~diffusers.QwenImage21Pipeline`].
+[`make_tiny_qwen_image_21_pipeline`] a [`~diffusers.QwenImage21Pipeline`]. The editing pipelines:
+[`make_tiny_flux_kontext_pipeline`] a [`~diffusers.FluxKontextPipeline`], [`make_tiny_qwen_image_edit_plus_pipeline`]
+a [`~diffusers.QwenImageEditPlusPipeline`] and [`make_tiny_qwen_image_edit_pipeline`] a
+[`~diffusers.QwenImageEditPipeline`] (with a Qwen2-VL processor built in code).
 
 The images are noise, of course; the point is that shapes, dtypes, configs and code paths match the real model.
 
@@ -52,6 +55,8 @@ from diffusers import (
     FluxTransformer2DModel,
     QwenImage21Pipeline,
     QwenImage21Transformer2DModel,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -70,6 +75,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3Model,
@@ -79,6 +86,7 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+from transformers.processing_utils import ProcessorMixin
 
 from .pipelines.sd3 import LORA_TARGET_MODULES
 from .tiny_tokenizers import (
@@ -97,9 +105,12 @@ __all__ = [
     "make_tiny_flux2_pipeline",
     "make_tiny_flux_kontext_pipeline",
     "make_tiny_flux_pipeline",
+    "TinyQwen2VLProcessor",
     "TinyQwen3VLTextProcessor",
     "make_tiny_qwen2_tokenizer",
     "make_tiny_qwen_image_21_pipeline",
+    "make_tiny_qwen_image_edit_pipeline",
+    "make_tiny_qwen_image_edit_plus_pipeline",
     "make_tiny_qwen_image_pipeline",
     "make_tiny_sd3_pipeline",
     "make_tiny_t5_tokenizer",
@@ -400,19 +411,8 @@ def make_tiny_qwen2_5_vl(tokenizer: Qwen2Tokenizer, hidden_size: int = 32) -> Qw
     return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def make_tiny_qwen_image_pipeline(
-    seed: int = 0, *, sample_size: int = 32, torch_dtype: torch.dtype = torch.float32
-) -> QwenImagePipeline:
-    """Build a tiny, randomly initialised [`~diffusers.QwenImagePipeline`] without touching the network.
-
-    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration: a 1-layer
-    [`~diffusers.QwenImageTransformer2DModel`] (2 heads x 16 dims, rotary axes 4 + 6 + 6, 4 latent channels packed
-    2x2, `joint_attention_dim=32`); a 2-stage [`~diffusers.AutoencoderKLQwenImage`] (scale factor 2, 4 latent
-    channels with their own `latents_mean` / `latents_std`); a 1-layer Qwen2.5-VL text encoder (hidden size 32) with
-    the byte-level tokenizer of [`make_tiny_qwen2_tokenizer`]; Qwen-Image's scheduler settings (dynamic exponential
-    shift, `shift_terminal=0.02`). Images must be multiples of 4 pixels.
-    """
-    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)  # the 2-stage VAE's factor x 2x2 packing
+def _tiny_qwen_image_components(seed: int, torch_dtype: torch.dtype, zero_cond_t: bool = False) -> dict:
+    """The models, tokenizer and scheduler of [`make_tiny_qwen_image_pipeline`] (shared by the editing builders)."""
     latent_channels, text_width = 4, 32
     tokenizer = make_tiny_qwen2_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -426,6 +426,7 @@ def make_tiny_qwen_image_pipeline(
             num_attention_heads=2,
             joint_attention_dim=text_width,
             axes_dims_rope=(4, 6, 6),
+            zero_cond_t=zero_cond_t,
         )
         vae = AutoencoderKLQwenImage(
             base_dim=8,
@@ -449,9 +450,79 @@ def make_tiny_qwen_image_pipeline(
         time_shift_type="exponential",
     )
     _finish([transformer, vae, text_encoder], torch_dtype)
-    return QwenImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
+    return {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "transformer": transformer,
+    }
+
+
+def make_tiny_qwen_image_pipeline(
+    seed: int = 0, *, sample_size: int = 32, torch_dtype: torch.dtype = torch.float32
+) -> QwenImagePipeline:
+    """Build a tiny, randomly initialised [`~diffusers.QwenImagePipeline`] without touching the network.
+
+    Seeded and returned like [`make_tiny_sd3_pipeline`]. Configuration: a 1-layer
+    [`~diffusers.QwenImageTransformer2DModel`] (2 heads x 16 dims, rotary axes 4 + 6 + 6, 4 latent channels packed
+    2x2, `joint_attention_dim=32`); a 2-stage [`~diffusers.AutoencoderKLQwenImage`] (scale factor 2, 4 latent
+    channels with their own `latents_mean` / `latents_std`); a 1-layer Qwen2.5-VL text encoder (hidden size 32) with
+    the byte-level tokenizer of [`make_tiny_qwen2_tokenizer`]; Qwen-Image's scheduler settings (dynamic exponential
+    shift, `shift_terminal=0.02`). Images must be multiples of 4 pixels.
+    """
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)  # the 2-stage VAE's factor x 2x2 packing
+    return QwenImagePipeline(**_tiny_qwen_image_components(seed, torch_dtype))
+
+
+class TinyQwen2VLProcessor(Qwen2VLProcessor):
+    """[`~transformers.Qwen2VLProcessor`] without its video processor, for the tiny Qwen-Image-Edit pipelines.
+
+    The real processor's video processor cannot be built without torchvision, and editing pipelines pass images
+    only. This one is the real processor otherwise: the tokenizer, the PIL image processor
+    [`~transformers.Qwen2VLImageProcessorPil`] (Qwen2-VL's smart resize to multiples of 28 pixels, 14-pixel patches
+    merged 2x2, CLIP's mean and std) and the expansion of each `<|image_pad|>` into one token per merged patch.
+    """
+
+    def __init__(self, image_processor: Qwen2VLImageProcessorPil, tokenizer: Qwen2Tokenizer):
+        # Qwen2VLProcessor.__init__ without the video processor: the same token attributes, then ProcessorMixin's.
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer)
+
+
+def _tiny_qwen_image_edit_components(seed: int, sample_size: int, torch_dtype: torch.dtype, zero_cond_t: bool):
+    _check_sample_size(sample_size, _VAE_SCALE_FACTOR * 2)
+    components = _tiny_qwen_image_components(seed, torch_dtype, zero_cond_t=zero_cond_t)
+    processor = TinyQwen2VLProcessor(Qwen2VLImageProcessorPil(), components["tokenizer"])
+    return components | {"processor": processor}
+
+
+def make_tiny_qwen_image_edit_plus_pipeline(
+    seed: int = 0, *, sample_size: int = 32, zero_cond_t: bool = False, torch_dtype: torch.dtype = torch.float32
+) -> QwenImageEditPlusPipeline:
+    """Build a tiny, randomly initialised [`~diffusers.QwenImageEditPlusPipeline`] without touching the network.
+
+    The models of [`make_tiny_qwen_image_pipeline`] (Qwen-Image-Edit-2509 is a Qwen-Image fine-tune with the same
+    transformer; the source image adds tokens, and the 1-layer Qwen2.5-VL's 1-block vision tower now reads it) and a
+    [`TinyQwen2VLProcessor`], seeded and returned the same way.
+
+    Args:
+        seed: Seed for the weight initialisation.
+        sample_size: Default image height and width in pixels; a multiple of 4.
+        zero_cond_t: The transformer's `zero_cond_t` (Qwen-Image-Edit-2511: the source tokens get timestep 0).
+        torch_dtype: dtype of all model weights.
+    """
+    return QwenImageEditPlusPipeline(**_tiny_qwen_image_edit_components(seed, sample_size, torch_dtype, zero_cond_t))
+
+
+def make_tiny_qwen_image_edit_pipeline(
+    seed: int = 0, *, sample_size: int = 32, torch_dtype: torch.dtype = torch.float32
+) -> QwenImageEditPipeline:
+    """Build a tiny, randomly initialised [`~diffusers.QwenImageEditPipeline`] (the first Qwen-Image-Edit) without
+    touching the network: the models and processor of [`make_tiny_qwen_image_edit_plus_pipeline`]."""
+    return QwenImageEditPipeline(**_tiny_qwen_image_edit_components(seed, sample_size, torch_dtype, False))
 
 
 QWEN3_CHAT_TEMPLATE = (

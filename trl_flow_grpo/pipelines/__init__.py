@@ -10,6 +10,7 @@ from .flux2 import Flux2Adapter, Flux2KleinAdapter
 from .flux_kontext import FluxKontextAdapter
 from .qwen_image import QwenImageAdapter
 from .qwen_image_21 import QwenImage21Adapter
+from .qwen_image_edit import QwenImageEditAdapter, QwenImageEditPlusAdapter
 from .sd3 import SD3Adapter
 from .z_image import ZImageAdapter
 
@@ -20,6 +21,8 @@ ADAPTERS: list[type[PipelineAdapter]] = [
     Flux2Adapter,
     Flux2KleinAdapter,
     QwenImageAdapter,
+    QwenImageEditPlusAdapter,
+    QwenImageEditAdapter,
     QwenImage21Adapter,
     ZImageAdapter,
 ]
@@ -55,8 +58,8 @@ def unsupported_pipeline_message(pipeline: Any) -> str:
         f"To add it, subclass trl_flow_grpo.pipelines.PipelineAdapter with `pipeline_class = {name}`, "
         f"`default_guidance_scale` and the methods {required} (override `decode`, `forwards_per_sample`, "
         "`pipeline_call_kwargs` and `save_lora_weights` if the defaults do not fit; an image-editing pipeline also "
-        "sets `edits_images = True` and implements `encode_source_images`), and append it to "
-        "trl_flow_grpo.pipelines.ADAPTERS; see docs/adding_a_family.md."
+        "sets `edits_images = True` and implements `encode_source_images`, or `encode_edit` when its text encoder "
+        "sees the source too), and append it to trl_flow_grpo.pipelines.ADAPTERS; see docs/adding_a_family.md."
     )
 
 
@@ -70,6 +73,8 @@ __all__ = [
     "PipelineAdapter",
     "QwenImage21Adapter",
     "QwenImageAdapter",
+    "QwenImageEditAdapter",
+    "QwenImageEditPlusAdapter",
     "SD3Adapter",
     "ZImageAdapter",
     "get_adapter",

@@ -34,8 +34,8 @@ class PipelineAdapter(ABC):
     default_guidance_scale: ClassVar[float]
     """The guidance scale used when the configuration leaves `guidance_scale` unset."""
     edits_images: ClassVar[bool] = False
-    """Whether the pipeline edits a source image (FLUX.1-Kontext): each dataset row then
-    carries its source image (`source_image_column`) and `encode_source_images` adds it to the conditioning."""
+    """Whether the pipeline edits a source image (FLUX.1-Kontext, Qwen-Image-Edit): each dataset row then carries its
+    source image (`source_image_column`) and `encode_edit` conditions on it."""
     repeated_blocks: ClassVar[tuple[str, ...]] = ()
     """Class names of the transformer's repeated blocks, for regional compilation (`compile_transformer`) when the
     diffusers model class lists none in its `_repeated_blocks`."""
@@ -136,11 +136,33 @@ class PipelineAdapter(ABC):
 
     def encode_source_images(self, images: list[Image.Image], latents: torch.Tensor) -> Conditioning:
         """The conditioning on one source image per sample, for samples shaped like `latents` (B, *latent_shape),
-        merged into the text conditioning by `sample`. Only editing adapters (`edits_images`) implement it."""
+        merged into the text conditioning by the default `encode_edit`. Only editing adapters (`edits_images`) whose
+        text encoder does not see the source (FLUX.1-Kontext) implement it."""
         raise ValueError(
             f"{type(self.pipeline).__name__} generates from text only, so it cannot be conditioned on source images; "
-            "use an image-editing pipeline (FluxKontextPipeline) to train on edits."
+            "use an image-editing pipeline (FluxKontextPipeline, QwenImageEditPlusPipeline, QwenImageEditPipeline) "
+            "to train on edits."
         )
+
+    def encode_edit(
+        self,
+        prompts: list[str],
+        images: list[Image.Image],
+        latents: torch.Tensor,
+        device: torch.device,
+        with_negative: bool,
+        max_sequence_length: int,
+    ) -> Conditioning:
+        """The whole conditioning of an editing batch: the instructions `prompts` with one source image each, for
+        samples shaped like `latents` (B, *latent_shape); `sample` calls it instead of `encode_prompts` when the batch
+        has source images (inside `text_encoders_on`).
+
+        The default is `encode_prompts(...) | encode_source_images(images, latents)`, for a pipeline whose text
+        encoder sees the instruction only (FLUX.1-Kontext). An adapter whose text encoder also sees the source
+        (Qwen-Image-Edit's vision-language encoder) overrides this method instead of `encode_source_images`.
+        """
+        cond = self.encode_prompts(prompts, device, with_negative, max_sequence_length)
+        return cond | self.encode_source_images(images, latents)
 
     def pipeline_call_kwargs(self, guidance_scale: float) -> dict:
         """The arguments of the pipeline's own `__call__` that sample with this guidance (model cards, `sample`)."""

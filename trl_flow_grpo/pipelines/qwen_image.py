@@ -55,9 +55,26 @@ class QwenImageAdapter(PackedLatentAdapter):
         cond: Conditioning,
         guidance_scale: float,
     ) -> torch.Tensor:
+        return self._true_cfg_velocity(transformer, latents, sigma, cond, guidance_scale)
+
+    def _true_cfg_velocity(
+        self,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Conditioning,
+        guidance_scale: float,
+        source_tokens: torch.Tensor | None = None,
+        source_shapes: tuple[tuple[int, int, int], ...] = (),
+    ) -> torch.Tensor:
+        """`velocity`, optionally with packed source-image tokens (B, S, 4C) appended to the noisy latent tokens,
+        `source_shapes` their (frames, rows, columns) entries of `img_shapes` (the editing pipelines' layout); the
+        prediction for the source tokens is dropped before guidance, as the pipelines do."""
         dtype = cond["prompt_embeds"].dtype
         batch, _, height, width = latents.shape
         packed = self.pack(latents).to(dtype)
+        hidden = packed if source_tokens is None else torch.cat([packed, source_tokens.to(dtype)], dim=1)
+        img_shapes = [[(1, height // 2, width // 2), *source_shapes]] * batch
         timestep = self._timestep(sigma, dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
@@ -65,14 +82,14 @@ class QwenImageAdapter(PackedLatentAdapter):
 
         def forward(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return transformer(
-                hidden_states=packed,
+                hidden_states=hidden,
                 timestep=timestep,
                 guidance=guidance,
                 encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # as the pipeline passes it
                 encoder_hidden_states=embeds,
-                img_shapes=[[(1, height // 2, width // 2)]] * batch,
+                img_shapes=img_shapes,
                 return_dict=False,
-            )[0]
+            )[0][:, : packed.shape[1]]
 
         out = forward(cond["prompt_embeds"], cond["prompt_embeds_mask"])
         if guidance_scale > 1.0:

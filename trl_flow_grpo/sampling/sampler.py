@@ -63,8 +63,8 @@ def sample(
 
     The keyword arguments are those of `sampling.rollout` (`sde_steps=[]` and `noise_level=0.0` give an ODE sample);
     `autocast` is entered around the transformer calls (the trainer's `compute_loss_context_manager`). An editing
-    adapter (`adapter.edits_images`) is conditioned on `source_images`, one per prompt; their conditioning is part of
-    the batch's, so that training recomputes every step on the same source.
+    adapter (`adapter.edits_images`) is conditioned on `source_images`, one per prompt (`adapter.encode_edit`); their
+    conditioning is part of the batch's, so that training recomputes every step on the same source.
 
     `hybrid_steps` (an ODE sample only: no SDE step, Euler on the grid) makes a hybrid-inference sample: `transformer`
     for the first `hybrid_steps` steps, then the model `base_transformer()` yields (see `hybrid.hybrid_rollout`).
@@ -80,9 +80,10 @@ def sample(
         if base_transformer is None:
             raise ValueError("hybrid_steps needs base_transformer, the base model's context manager.")
     with adapter.text_encoders_on(device):  # on the device only while encoding with `offload_text_encoders`
-        cond = adapter.encode_prompts(prompts, device, guidance_scale > 1, max_sequence_length)
-    if source_images is not None:
-        cond |= adapter.encode_source_images(source_images, noise)
+        if source_images is None:
+            cond = adapter.encode_prompts(prompts, device, guidance_scale > 1, max_sequence_length)
+        else:  # the instructions with their sources (a vision-language text encoder may see both)
+            cond = adapter.encode_edit(prompts, source_images, noise, device, guidance_scale > 1, max_sequence_length)
     with autocast():
         if hybrid_steps is not None:
             trajectory = hybrid_rollout(
