@@ -80,3 +80,20 @@ def test_the_shapes_recipe_trains_offline(tmp_path, capsys, monkeypatch):
     assert "step    2/2 | reward" in out
     assert "eval_rewards/shapes_geneval/mean" in out  # held-out reward before and after
     assert (tmp_path / "transformer" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["flux_kontext_edit.yaml", "qwen_image_edit_plus.yaml"])
+def test_the_editing_recipes_rewards_resolve_and_read_the_source(name, monkeypatch):
+    """The editing recipes name the example script's rewards by import path (with PYTHONPATH=examples, as their
+    header says): they resolve, and the source-preservation reward scores an edit against its own source."""
+    from PIL import Image
+
+    from trl_flow_grpo.rewards import resolve_reward_func
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    raw = yaml.safe_load((EXAMPLES / name).read_text(encoding="utf-8"))
+    assert raw["source_image_column"] == "image" and len(raw["reward_weights"]) == len(raw["reward_funcs"])
+    funcs = [resolve_reward_func(reward) for reward in raw["reward_funcs"]]
+    preservation = funcs[[r.endswith("source_preservation") for r in raw["reward_funcs"]].index(True)]
+    red, black = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8))
+    assert preservation(images=[red, red], source_images=[red, black]) == pytest.approx([1.0, 2 / 3])

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -153,6 +154,29 @@ def test_remote_rewards_equal_the_local_call(served):
     rewards = call_reward_funcs([remote], prompts, images, columns={"label": list(range(7))}, trainer_state=object())
     assert rewards[:, 0].tolist() == pytest.approx(local)
     assert server.url.startswith("http://127.0.0.1:")  # bound to the loopback address by default
+
+
+def test_source_images_of_an_edit_reach_the_served_reward_as_images(served):
+    """An editing run's `source_images` travel as PNG and arrive as PIL images, so a served edit judge can compare
+    each edit with its own source; a source that is not a PNG is a 400 naming the column."""
+    prompts, images = _batch(4)
+    _, sources = _batch(4, seed=1)
+
+    def preservation(prompts, images, source_images, **kwargs):
+        return [
+            1.0 - float(np.abs(np.asarray(i, dtype=np.float64) - np.asarray(s, dtype=np.float64)).mean()) / 255
+            for i, s in zip(images, source_images)
+        ]
+
+    local = preservation(prompts, images, sources)
+    assert len(set(local)) == 4
+    server = served(preservation)
+    assert RemoteReward(server.url).score(prompts, images, source_images=sources) == local
+    status, answer = _post(
+        server.url,
+        {"prompts": prompts[:1], "images": [encode_png(images[0])], "source_images": ["not a png"]},
+    )
+    assert status == 400 and "source_images[0] is not a base64 PNG" in answer["error"]
 
 
 def test_max_batch_size_splits_a_request_into_consecutive_calls(served):

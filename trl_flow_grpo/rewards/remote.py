@@ -2,7 +2,9 @@
 
 `RemoteReward(url)` follows the reward calling convention: each call is one `POST {url}/score` with JSON
 `{"prompts": [...], "images": [base64 PNG, ...], <dataset columns>}` and reads `{"rewards": [...]}` back (`null`
-for a sample the reward does not apply to). Only the standard library is used; nothing is pickled.
+for a sample the reward does not apply to). The image columns (`IMAGE_COLUMNS`: an editing run's `source_images`)
+travel as base64 PNG like `images`, so an edit judge behind the server compares each edit with its source. Only the
+standard library is used; nothing is pickled.
 
 Connection errors, timeouts and 5xx answers are retried with exponential backoff; a 4xx answer (a rejected token,
 a malformed request) fails at once with the server's message. Redirects are refused, so the bearer token is only
@@ -27,11 +29,13 @@ from typing import Any
 
 from .compression import _to_rgb_image
 
-__all__ = ["DEFAULT_TOKEN_ENV", "RemoteReward", "RewardServerError", "decode_image", "encode_png"]
+__all__ = ["DEFAULT_TOKEN_ENV", "IMAGE_COLUMNS", "RemoteReward", "RewardServerError", "decode_image", "encode_png"]
 
 DEFAULT_TOKEN_ENV = "TRL_FLOW_GRPO_REWARD_TOKEN"
 """The environment variable `RemoteReward` reads its bearer token from when no token is passed."""
 
+IMAGE_COLUMNS = ("source_images",)
+"""Reward keywords holding one image per sample besides `images`: sent as base64 PNG, decoded to PIL by the server."""
 _NOT_SENT = ("trainer_state", "log_extra", "log_metric")  # in-process objects, not data: never sent to a server
 _MAX_ERROR_BODY_CHARS = 500
 
@@ -48,26 +52,26 @@ def encode_png(image: Any) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(text: Any, index: int) -> Any:
+def decode_image(text: Any, index: int, field: str = "images") -> Any:
     """Decode one image of a `POST /score` request: base64 PNG, optionally as a `data:image/png;base64,` URL.
 
     Raises:
-        ValueError: `text` is not a string, not base64, or not a PNG image (names the image's `index`).
+        ValueError: `text` is not a string, not base64, or not a PNG image (names `field` and the image's `index`).
     """
     from PIL import Image
 
     if not isinstance(text, str):
-        raise ValueError(f"images[{index}] is a JSON {type(text).__name__}; expected a base64 PNG string")
+        raise ValueError(f"{field}[{index}] is a JSON {type(text).__name__}; expected a base64 PNG string")
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if header.lower() != "data:image/png;base64":
-            raise ValueError(f"images[{index}] is a data URL of type {header[5:]!r}; expected data:image/png;base64")
+            raise ValueError(f"{field}[{index}] is a data URL of type {header[5:]!r}; expected data:image/png;base64")
     try:
         data = base64.b64decode(text, validate=True)
         image = Image.open(io.BytesIO(data), formats=["PNG"])
         image.load()
     except Exception as error:  # binascii.Error, PIL.UnidentifiedImageError, a truncated file, a decompression bomb
-        raise ValueError(f"images[{index}] is not a base64 PNG image ({type(error).__name__}: {error})") from None
+        raise ValueError(f"{field}[{index}] is not a base64 PNG image ({type(error).__name__}: {error})") from None
     return image
 
 
@@ -160,6 +164,8 @@ class RemoteReward:
             raise ValueError(f"{self.__name__!r}: got {len(images)} images for {len(prompts)} prompts")
         payload: dict[str, Any] = {"prompts": list(prompts), "images": [encode_png(image) for image in images]}
         for key, values in columns.items():
+            if key in IMAGE_COLUMNS:
+                values = [encode_png(image) for image in values]
             try:
                 json.dumps(values, allow_nan=False)
             except (TypeError, ValueError) as error:

@@ -5,9 +5,10 @@ It keeps a heavy reward model off the training GPUs, or shares one between runs.
 
 - `POST /score` with `{"prompts": [...], "images": [base64 PNG, ...], <column>: [...], ...}` -> `{"rewards": [...]}`,
   one number per image, `null` where the reward does not apply. Every other key is a dataset column, passed to the
-  reward function as a keyword with one entry per image. The request is one batch, split into calls of at most
-  `max_batch_size` images when that is set. Reward calls run one at a time (a lock), since reward models are rarely
-  thread-safe.
+  reward function as a keyword with one entry per image; the image columns (`remote.IMAGE_COLUMNS`: an editing run's
+  `source_images`) are base64 PNG like `images` and reach the reward as PIL images. The request is one batch, split
+  into calls of at most `max_batch_size` images when that is set. Reward calls run one at a time (a lock), since
+  reward models are rarely thread-safe.
 - `GET /health` -> `{"status": "ok", "reward": <name>, "max_batch_size": ...}`, without authentication.
 
 With a token, `POST /score` needs `Authorization: Bearer <token>`, compared in constant time (`hmac.compare_digest`);
@@ -38,7 +39,7 @@ from .base import (
     resolve_reward_func,
     reward_func_name,
 )
-from .remote import decode_image
+from .remote import IMAGE_COLUMNS, decode_image
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "RewardServer", "main"]
 
@@ -172,6 +173,9 @@ class RewardServer:
                 raise _RequestError(400, f"column {key!r} must be a list with one entry per prompt ({len(prompts)})")
         try:
             decoded = [decode_image(image, index) for index, image in enumerate(images)]
+            for key in IMAGE_COLUMNS:
+                if key in columns:
+                    columns[key] = [decode_image(image, index, key) for index, image in enumerate(columns[key])]
         except ValueError as error:
             raise _RequestError(400, str(error)) from None
         size = self.max_batch_size or max(len(prompts), 1)
