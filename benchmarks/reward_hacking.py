@@ -228,18 +228,35 @@ def table(results: dict) -> str:
         f"{results['settings']['images_per_prompt']} images, {results['settings']['max_steps']} optimizer steps, "
         f"hack weight {results['settings']['hack_weight']}.",
         "",
-        f"| arm | accuracy change | {feature} drift | training minutes |",
-        "| --- | --- | --- | --- |",
+        f"| arm | accuracy change | {feature} drift | drift / plain | accuracy - plain | training minutes |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    means = {}
     for arm in dict.fromkeys(r["arm"] for r in results["runs"]):
+        runs = [r for r in results["runs"] if r["arm"] == arm]
+        acc, drift = [r["accuracy_change"]["value"] for r in runs], [r["feature_drift"] for r in runs]
+        means[arm] = (np.mean(acc), np.mean(drift))
+    plain = means.get("flow_grpo")
+    met = []
+    for arm, (acc_mean, drift_mean) in means.items():
         runs = [r for r in results["runs"] if r["arm"] == arm]
         acc = [r["accuracy_change"]["value"] for r in runs]
         drift = [r["feature_drift"] for r in runs]
         minutes = np.mean([r["train_seconds"] for r in runs]) / 60
+        ratio = f"{drift_mean / plain[1]:.2f}" if plain and plain[1] > 0 else "-"
+        versus = f"{acc_mean - plain[0]:+.3f}" if plain else "-"
+        if plain and arm != "flow_grpo" and drift_mean <= 0.5 * plain[1] and acc_mean >= plain[0] - 0.02:
+            met.append(arm)
         lines.append(
-            f"| {arm} | {np.mean(acc):+.3f} ({', '.join(f'{a:+.3f}' for a in acc)}) | {np.mean(drift):+.4f} "
-            f"({', '.join(f'{d:+.4f}' for d in drift)}) | {minutes:.1f} |"
+            f"| {arm} | {acc_mean:+.3f} ({', '.join(f'{a:+.3f}' for a in acc)}) | {drift_mean:+.4f} "
+            f"({', '.join(f'{d:+.4f}' for d in drift)}) | {ratio} | {versus} | {minutes:.1f} |"
         )
+    if plain:
+        lines += [
+            "",
+            "Target (a defence with at most half of plain Flow-GRPO's drift, losing at most 0.02 accuracy): "
+            + (f"met by {', '.join(met)}." if met else "not met by any arm."),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +322,7 @@ def main() -> None:
 
 def merge(parts: list[dict]) -> dict:
     """One results dictionary from several processes' (one per seed): their runs, the first one's settings."""
-    keys = ("feature", "hack_weight", "max_steps", "images_per_prompt", "beta", "hybrid_steps", "num_captions")
+    keys = ("feature", "hack_weight", "max_steps", "images_per_prompt", "hybrid_steps", "num_captions")
     for part in parts[1:]:
         for key in keys:
             if part["settings"].get(key) != parts[0]["settings"].get(key):
@@ -315,7 +332,12 @@ def merge(parts: list[dict]) -> dict:
                 )
     merged = dict(parts[0])
     merged["settings"] = {**parts[0]["settings"], "seeds": [s for p in parts for s in p["settings"]["seeds"]]}
-    merged["runs"] = [r for p in parts for r in p["runs"]]
+    # The KL arms carry their beta in the label, so that runs with another --beta are rows of their own.
+    merged["runs"] = [
+        {**r, "arm": f"{r['arm']}, beta {p['settings']['beta']:g}"} if r["arm"].startswith("kl_") else r
+        for p in parts
+        for r in p["runs"]
+    ]
     return merged
 
 
