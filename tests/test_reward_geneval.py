@@ -656,6 +656,42 @@ def test_missing_scipy_gives_the_install_hint(tmp_path, no_scipy_check, monkeypa
         GenEvalScorer(str(tmp_path), device="cpu").detect(_images(1))
 
 
+def test_offload_keeps_both_models_on_the_cpu_between_calls(tiny_scorer, no_scipy_check):
+    from trl_flow_grpo.testing import record_device_moves
+
+    # "cuda:3" is recorded, not moved to (`record_device_moves`), so the check runs without a GPU.
+    (detector, detector_processor), (clip_model, clip_processor) = _tiny_detector(), _tiny_clip()
+    detector_moves, detector_runs = record_device_moves(detector, "forward")
+    clip_moves, clip_runs = record_device_moves(clip_model, "get_text_features", "get_image_features")
+    scorer = GenEvalScorer(
+        detector=detector,
+        detector_processor=detector_processor,
+        clip_model=clip_model,
+        clip_processor=clip_processor,
+        device="cuda:3",
+        offload=True,
+        threshold=0.0,
+        counting_threshold=0.0,
+        batch_size=2,
+    )
+    images = _images()
+    present = tiny_scorer.detect(images[:1])[0][0].class_name  # a class the detector finds: its colour is asked
+    plain = meta("single_object", [{"class": present, "count": 1}])
+    assert scorer.score(images, [plain] * 3) == tiny_scorer.score(images, [plain] * 3)
+    assert detector_moves == ["cpu", "cuda:3", "cpu"]  # parked at load, on the device for the call, back after it
+    assert detector_runs == ["cuda:3", "cuda:3"]  # both batches
+    assert clip_moves == []  # no colour asked: CLIP is not even loaded
+
+    colors = meta("colors", [{"class": present, "count": 1, "color": "red"}])
+    assert scorer.score(images, [colors] * 3) == tiny_scorer.score(images, [colors] * 3)
+    assert detector_moves == ["cpu", "cuda:3", "cpu", "cuda:3", "cpu"]
+    assert clip_moves == ["cpu", "cuda:3", "cpu"]  # once per call, however many colours it asks
+    assert clip_runs and set(clip_runs) == {"cuda:3"}
+    scorer.classify_colors(images[0], present, tiny_scorer.detect(images[:1])[0][:1])
+    assert clip_moves == ["cpu", "cuda:3", "cpu", "cuda:3", "cpu"]  # the public methods offload too
+    assert GenEvalScorer().offload is False
+
+
 def test_scorer_argument_checks():
     with pytest.raises(ValueError, match="batch_size"):
         GenEvalScorer(batch_size=0)

@@ -100,6 +100,44 @@ def test_reward_with_injected_engine():
     assert misread == [pytest.approx(1 - 1 / 6)]
 
 
+class TorchEngine(torch.nn.Module):
+    """A `FakeEngine` that is a torch module (an OCR model run by torch). Its one parameter is on the meta device,
+    which stands in for an accelerator (the reward takes an injected engine's device as its compute device); `.to`
+    records where it is sent without moving, and each read records where the engine last went."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))
+        self.fake = FakeEngine(lines)
+        self.moves: list[str] = []
+        self.reads_on: list[str] = []
+
+    def to(self, device, *args, **kwargs):
+        self.moves.append(str(device))
+        return self
+
+    def forward(self, image, **kwargs):
+        self.reads_on.append(self.moves[-1] if self.moves else "none")
+        return self.fake(image, **kwargs)
+
+
+def test_offload_keeps_a_torch_engine_on_the_cpu_between_calls():
+    engine = TorchEngine(["OPEN"])
+    reward = OCRReward(engine=engine, offload=True)
+    image = Image.new("RGB", (40, 30), 255)
+    assert reward(prompts=['"open"', "no text", '"open"'], images=[image] * 3) == [1.0, None, 1.0]
+    assert engine.moves == ["cpu", "meta", "cpu"]  # parked at first use, on its device for the call, back after it
+    assert engine.reads_on == ["meta", "meta"]  # each read ran on the device
+    assert reward(prompts=["no text"], images=[image]) == [None]
+    assert engine.moves == ["cpu", "meta", "cpu"]  # nothing to read: not moved
+    assert reward.read_text(image) == "OPEN" and engine.moves == ["cpu", "meta", "cpu", "meta", "cpu"]
+    assert not engine.training and not engine.weight.requires_grad
+    assert OCRReward().offload is False
+    resident = TorchEngine(["OPEN"])
+    OCRReward(engine=resident)(prompts=['"open"'], images=[image])
+    assert resident.moves == ["meta"] and resident.reads_on == ["meta"]  # without offload it stays where it was
+
+
 def test_missing_engine_raises_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # makes the import fail
     reward = OCRReward()

@@ -19,7 +19,7 @@ from trl_flow_grpo.rewards.pickscore import (
     PICKSCORE_PROCESSOR_ID,
     PickScoreReward,
 )
-from trl_flow_grpo.testing import make_tiny_clip_tokenizer
+from trl_flow_grpo.testing import make_tiny_clip_tokenizer, record_device_moves
 
 IMAGE_SIZE = 32
 PROMPTS = ["a red circle", "a photo of a cat", "two blue squares", "a house next to a tree", "a dog"]
@@ -230,3 +230,24 @@ def test_through_call_reward_funcs_and_input_checks(tiny_clip):
         reward(prompts=PROMPTS[:3], images=images[:2])
     with pytest.raises(ValueError, match="batch_size"):
         PickScoreReward(batch_size=0)
+
+
+def test_offload_keeps_the_model_on_the_cpu_between_calls(tiny_clip):
+    # "cuda:3" is recorded, not moved to (`record_device_moves`), so the check runs without a GPU.
+    model, processor = _tiny_clip()
+    moves, runs = record_device_moves(model, "forward")
+    reward = PickScoreReward(model=model, processor=processor, device="cuda:3", batch_size=2, offload=True)
+    images = _images(3)
+    scores = reward.score(PROMPTS[:3], images)
+    assert moves == ["cpu", "cuda:3", "cpu"]  # parked at load, on the device for the call, back after it
+    assert runs == ["cuda:3", "cuda:3"]  # both batches ran with the model on the device
+    reward.score(PROMPTS[:1], images[:1])
+    assert moves == ["cpu", "cuda:3", "cpu", "cuda:3", "cpu"]
+    plain = PickScoreReward(model=tiny_clip[0], processor=processor)
+    torch.testing.assert_close(scores, plain.score(PROMPTS[:3], images))  # the same model: the same scores
+
+    assert PickScoreReward().offload is False  # the default keeps the model on its device
+    resident = _tiny_clip()[0]
+    resident_moves, _ = record_device_moves(resident)
+    PickScoreReward(model=resident, processor=processor, device="cuda:3").score(PROMPTS[:1], images[:1])
+    assert resident_moves == ["cuda:3"]  # without offload: moved once, at load

@@ -40,6 +40,8 @@ pipe.transformer.add_adapter(tiny_lora_config())
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -115,6 +117,7 @@ __all__ = [
     "make_tiny_sd3_pipeline",
     "make_tiny_t5_tokenizer",
     "make_tiny_z_image_pipeline",
+    "record_device_moves",
     "tiny_lora_config",
 ]
 
@@ -869,3 +872,34 @@ def tiny_lora_config(r: int = 4, lora_alpha: int = 8) -> LoraConfig:
         init_lora_weights="gaussian",
         target_modules=list(TINY_SD3_LORA_TARGET_MODULES),
     )
+
+
+def record_device_moves(module: torch.nn.Module, *methods: str) -> tuple[list[str], list[str]]:
+    """Record where `module` is sent and where it was sent last whenever one of its `methods` runs.
+
+    `module.to(device, ...)` appends `str(device)` to the first list and really moves the module only to the CPU, so
+    that offloading to `"cuda:N"` can be checked on a machine without a GPU (the module computes on the CPU
+    throughout). Each call of one of `methods` (e.g. `"forward"`) appends the last recorded move (`"none"` before the
+    first) to the second list. Both patch the instance, not its class.
+
+    Returns:
+        `(moves, runs)`: the devices passed to `.to`, and the placement seen by each call of `methods`.
+    """
+    moves: list[str] = []
+    runs: list[str] = []
+    original_to = module.to
+
+    def recording_to(device: Any, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        moves.append(str(device))
+        return original_to(device, *args, **kwargs) if str(device) == "cpu" else module
+
+    module.to = recording_to  # type: ignore[method-assign]
+    for name in methods:
+        original = getattr(module, name)
+
+        def recording(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            runs.append(moves[-1] if moves else "none")
+            return _original(*args, **kwargs)
+
+        setattr(module, name, recording)
+    return moves, runs

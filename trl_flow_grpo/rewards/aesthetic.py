@@ -25,8 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ._models import default_device, offloaded
-from .compression import _to_rgb_image
+from ._models import BatchedRewardModel
 
 __all__ = [
     "AESTHETIC_CLIP_MODEL_ID",
@@ -99,7 +98,7 @@ def load_aesthetic_mlp(path: str | Path) -> AestheticMLP:
     return mlp
 
 
-class AestheticReward:
+class AestheticReward(BatchedRewardModel):
     """The LAION aesthetic score of each image (1-10), as a reward function (`images` -> one float per image).
 
     On the first call the CLIP vision tower is loaded with `transformers.CLIPVisionModelWithProjection`
@@ -140,31 +139,25 @@ class AestheticReward:
         processor: Any = None,
         mlp: AestheticMLP | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        super().__init__(device=device, dtype=dtype, batch_size=batch_size, offload=offload)
         self.clip_model_id = clip_model_id
         self.predictor_repo = predictor_repo
         self.predictor_filename = predictor_filename
         self.predictor_path = predictor_path
-        self.device = torch.device(device) if device is not None else None
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.offload = offload
         self.revision = revision
         self.clip_model = clip_model
         self.processor = processor
         self.mlp = mlp
-        self._compute_device: torch.device | None = None
 
     @property
     def is_loaded(self) -> bool:
         """Whether the CLIP tower, its processor and the MLP are in memory (loaded or injected)."""
         return self.clip_model is not None and self.processor is not None and self.mlp is not None
 
-    def load(self) -> None:
-        """Load whatever is not loaded yet (done automatically on the first call)."""
-        if self._compute_device is not None:
-            return
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.clip_model, self.mlp]
+
+    def _load_models(self) -> bool:
         if self.processor is None:
             from transformers import AutoImageProcessor
 
@@ -176,41 +169,30 @@ class AestheticReward:
 
                 path = hf_hub_download(self.predictor_repo, self.predictor_filename)
             self.mlp = load_aesthetic_mlp(path)
-        if self.clip_model is None:
+        loaded_here = self.clip_model is None
+        if loaded_here:
             from transformers import CLIPVisionModelWithProjection
 
             self.clip_model = CLIPVisionModelWithProjection.from_pretrained(
                 self.clip_model_id, revision=self.revision, dtype=self.dtype, use_safetensors=True
             )
-            device = self.device if self.device is not None else default_device()
-        else:
-            device = self.device if self.device is not None else next(self.clip_model.parameters()).device
-        for module in (self.clip_model, self.mlp):
-            module.eval()
-            module.requires_grad_(False)
-            module.to("cpu" if self.offload else device)
         self.mlp.float()
-        self._compute_device = device
+        return loaded_here
 
-    @torch.no_grad()
-    def score(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+    def _score_batch(self, prompts: None, images: list[Image.Image]) -> torch.Tensor:
+        """The MLP's score of the normalised CLIP image embedding of each image of one batch."""
+        parameter = next(self.clip_model.parameters())
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        embeds = self.clip_model(pixel_values=pixels.to(device=parameter.device, dtype=parameter.dtype))
+        embeds = embeds.image_embeds.float()
+        embeds = embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
+        return self.mlp(embeds.to(next(self.mlp.parameters()).device))
+
+    def score(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:  # type: ignore[override]
         """The aesthetic score of each image, a float32 CPU tensor of shape `(len(images),)`."""
-        if len(images) == 0:
-            return torch.empty(0, dtype=torch.float32)
-        self.load()
-        scores = []
-        with offloaded([self.clip_model, self.mlp], self._compute_device, self.offload):
-            parameter = next(self.clip_model.parameters())
-            for start in range(0, len(images), self.batch_size):
-                batch = [_to_rgb_image(image) for image in images[start : start + self.batch_size]]
-                pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"]
-                embeds = self.clip_model(pixel_values=pixels.to(device=parameter.device, dtype=parameter.dtype))
-                embeds = embeds.image_embeds.float()
-                embeds = embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
-                scores.append(self.mlp(embeds.to(next(self.mlp.parameters()).device)).cpu())
-        return torch.cat(scores)
+        return self._scores(None, images)
 
-    def __call__(self, images: Sequence[Image.Image | np.ndarray], **kwargs: Any) -> list[float]:
+    def __call__(self, images: Sequence[Image.Image | np.ndarray], **kwargs: Any) -> list[float]:  # type: ignore[override]
         """Reward-function entry point: one aesthetic score per image; prompts and other columns are ignored.
 
         Args:

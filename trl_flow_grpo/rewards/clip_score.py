@@ -22,10 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._models import check_prompts_and_images, default_device, offloaded
-from .compression import _to_rgb_image
+from ._models import BatchedRewardModel
 
-__all__ = ["CLIP_SCORE_MODEL_ID", "CLIP_SCORE_WEIGHT", "CLIPScoreReward", "clip_score_reward"]
+__all__ = ["CLIP_SCORE_MODEL_ID", "CLIP_SCORE_WEIGHT", "CLIPScoreReward", "clip_cosines", "clip_score_reward"]
 
 CLIP_SCORE_MODEL_ID = "openai/clip-vit-large-patch14"
 CLIP_SCORE_WEIGHT = 2.5
@@ -34,7 +33,36 @@ CLIP_SCORE_WEIGHT = 2.5
 _MAX_TEXT_LENGTH = 77  # CLIP's context length
 
 
-class CLIPScoreReward:
+def clip_cosines(
+    model: torch.nn.Module, processor: Any, prompts: list[str], images: list[Image.Image]
+) -> torch.Tensor:
+    """Cosine similarity of `images[i]` and `prompts[i]` in a CLIP model's projected embedding space, for one batch.
+
+    The processor tokenizes (padded, truncated to CLIP's 77 tokens) and preprocesses; the model runs where its
+    parameters are, in their dtype, and returns `text_embeds` / `image_embeds`, compared in float32. Shared by
+    CLIPScore and PickScore.
+    """
+    parameter = next(model.parameters())
+    inputs = processor(
+        text=prompts,
+        images=images,
+        padding=True,
+        truncation=True,
+        max_length=_MAX_TEXT_LENGTH,
+        return_tensors="pt",
+    )
+    attention_mask = inputs.get("attention_mask")
+    outputs = model(
+        input_ids=inputs["input_ids"].to(parameter.device),
+        attention_mask=None if attention_mask is None else attention_mask.to(parameter.device),
+        pixel_values=inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype),
+    )
+    text_embeds = torch.nn.functional.normalize(outputs.text_embeds.float(), dim=-1)
+    image_embeds = torch.nn.functional.normalize(outputs.image_embeds.float(), dim=-1)
+    return (text_embeds * image_embeds).sum(dim=-1)
+
+
+class CLIPScoreReward(BatchedRewardModel):
     """CLIPScore of each image for its prompt, as a reward function (`prompts`, `images` -> one float per image).
 
     The processor and model are loaded with `transformers.AutoProcessor` / `AutoModel` (`use_safetensors=True`) from
@@ -67,6 +95,8 @@ class CLIPScoreReward:
     ```
     """
 
+    reward_name = "CLIPScore"
+
     def __init__(
         self,
         model_id: str = CLIP_SCORE_MODEL_ID,
@@ -81,31 +111,25 @@ class CLIPScoreReward:
         model: torch.nn.Module | None = None,
         processor: Any = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        super().__init__(device=device, dtype=dtype, batch_size=batch_size, offload=offload)
         if not weight > 0:
             raise ValueError(f"weight must be > 0 (2.5 as in the CLIPScore paper, 100 as torchmetrics), got {weight}")
         self.model_id = model_id
         self.weight = float(weight)
         self.clip_at_zero = clip_at_zero
-        self.device = torch.device(device) if device is not None else None
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.offload = offload
         self.revision = revision
         self.model = model
         self.processor = processor
-        self._compute_device: torch.device | None = None
 
     @property
     def is_loaded(self) -> bool:
         """Whether the model and processor are in memory (loaded or injected)."""
         return self.model is not None and self.processor is not None
 
-    def load(self) -> None:
-        """Load the processor and the model if they are not loaded yet (done automatically on the first call)."""
-        if self._compute_device is not None:
-            return
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def _load_models(self) -> bool:
         if self.processor is None:
             from transformers import AutoProcessor
 
@@ -116,60 +140,21 @@ class CLIPScoreReward:
             self.model = AutoModel.from_pretrained(
                 self.model_id, revision=self.revision, dtype=self.dtype, use_safetensors=True
             )
-            device = self.device if self.device is not None else default_device()
-        else:
-            device = self.device if self.device is not None else next(self.model.parameters()).device
-        self.model.eval()
-        self.model.requires_grad_(False)
-        self.model.to("cpu" if self.offload else device)
-        self._compute_device = device
+            return True
+        return False
 
-    @torch.no_grad()
+    def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+        """The cosines of one batch (the scaling is `score`'s)."""
+        return clip_cosines(self.model, self.processor, prompts, images)
+
     def cosine(self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         """Cosine similarity of `images[i]` and `prompts[i]` in CLIP's embedding space (float32 CPU tensor)."""
-        check_prompts_and_images(prompts, images, "CLIPScore")
-        if len(images) == 0:
-            return torch.empty(0, dtype=torch.float32)
-        self.load()
-        cosines = []
-        with offloaded([self.model], self._compute_device, self.offload):
-            parameter = next(self.model.parameters())
-            for start in range(0, len(images), self.batch_size):
-                inputs = self.processor(
-                    text=list(prompts[start : start + self.batch_size]),
-                    images=[_to_rgb_image(image) for image in images[start : start + self.batch_size]],
-                    padding=True,
-                    truncation=True,
-                    max_length=_MAX_TEXT_LENGTH,
-                    return_tensors="pt",
-                )
-                attention_mask = inputs.get("attention_mask")
-                outputs = self.model(
-                    input_ids=inputs["input_ids"].to(parameter.device),
-                    attention_mask=None if attention_mask is None else attention_mask.to(parameter.device),
-                    pixel_values=inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype),
-                )
-                text_embeds = torch.nn.functional.normalize(outputs.text_embeds.float(), dim=-1)
-                image_embeds = torch.nn.functional.normalize(outputs.image_embeds.float(), dim=-1)
-                cosines.append((text_embeds * image_embeds).sum(dim=-1).cpu())
-        return torch.cat(cosines)
+        return super().score(prompts, images)
 
     def score(self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
         """`weight * max(cos, 0)` (or `weight * cos` without `clip_at_zero`) per image, a float32 CPU tensor."""
         cosine = self.cosine(prompts, images)
         return self.weight * (cosine.clamp(min=0.0) if self.clip_at_zero else cosine)
-
-    def __call__(
-        self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray], **kwargs: Any
-    ) -> list[float]:
-        """Reward-function entry point: one CLIPScore per image (see the class docstring).
-
-        Args:
-            prompts: One prompt per image; image `i` is scored against `prompts[i]`.
-            images: PIL images (any mode; converted to RGB) or `uint8` numpy arrays of shape `(H, W[, C])`.
-            **kwargs: Other dataset columns and `trainer_state`; ignored.
-        """
-        return self.score(prompts, images).tolist()
 
     def __repr__(self) -> str:
         return (

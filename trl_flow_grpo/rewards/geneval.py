@@ -35,6 +35,8 @@ Models are loaded lazily, on the first call, so importing this module downloads 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._models import RewardModel, check_batch_size, offloaded
 from .compression import _to_rgb_image
 
 __all__ = [
@@ -515,20 +518,13 @@ def summarize(results: Sequence[GenEvalResult]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------- the models
 
 
-def _default_device() -> torch.device:
-    """The current CUDA device if CUDA is available (the process's own GPU under `accelerate`), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     """The box of a boolean mask as mmdet's Mask2Former gives it: `(min x, min y, max x + 1, max y + 1)`."""
     ys, xs = np.nonzero(mask)
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
-class GenEvalScorer:
+class GenEvalScorer(RewardModel):
     """GenEval on images: Mask2Former detections -> CLIP colours where a rule needs them -> `evaluate_detections`.
 
     The detector (`transformers.Mask2FormerForUniversalSegmentation` + `AutoImageProcessor`) and CLIP
@@ -552,6 +548,9 @@ class GenEvalScorer:
             models then stay where they are.
         dtype: dtype of the weights when loading (ignored for injected models); embeddings are compared in float32.
         batch_size: Images per detector forward pass (object crops per CLIP forward pass too).
+        offload: Keep both models on the CPU between calls and move each to `device` only while it runs: the
+            detector for the detection pass of a call, CLIP from the first colour a call asks to the end of the call
+            (frees accelerator memory for sampling and training, costs one copy of the weights per call).
         detector_revision, clip_revision: Hub revisions (branch, tag or commit), e.g. a `refs/pr/N` branch holding
             safetensors weights.
         detector, detector_processor, clip_model, clip_processor: Already loaded models / processors to use instead
@@ -568,6 +567,7 @@ class GenEvalScorer:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
         batch_size: int = 8,
+        offload: bool = False,
         detector_revision: str | None = None,
         clip_revision: str | None = None,
         detector: torch.nn.Module | None = None,
@@ -580,15 +580,14 @@ class GenEvalScorer:
         nms_threshold: float = NMS_THRESHOLD,
         position_threshold: float = POSITION_THRESHOLD,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        check_batch_size(batch_size)
         for name, value in (("threshold", threshold), ("counting_threshold", counting_threshold)):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if max_objects < 1:
             raise ValueError(f"max_objects must be a positive integer, got {max_objects}")
+        super().__init__(device=device, offload=offload)
         self.detector_id, self.clip_id = detector_id, clip_id
-        self.device = torch.device(device) if device is not None else None
         self.dtype = dtype
         self.batch_size = batch_size
         self.detector_revision, self.clip_revision = detector_revision, clip_revision
@@ -601,7 +600,9 @@ class GenEvalScorer:
             "nms_threshold": nms_threshold,
             "position_threshold": position_threshold,
         }
-        self._detector_ready = self._clip_ready = False
+        # Each model's compute device once it is loaded and placed (the base's single `_compute_device` is unused).
+        self._detector_device: torch.device | None = None
+        self._clip_device: torch.device | None = None
         self._color_embeddings: dict[str, torch.Tensor] = {}
 
     @property
@@ -611,15 +612,8 @@ class GenEvalScorer:
             x is not None for x in (self.detector, self.detector_processor, self.clip_model, self.clip_processor)
         )
 
-    def _prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.device is not None:
-            model = model.to(self.device)
-        model.eval()
-        model.requires_grad_(False)
-        return model
-
     def _load_detector(self) -> None:
-        if self._detector_ready:
+        if self._detector_device is not None:
             return
         if self.detector_processor is None:
             from transformers import AutoImageProcessor
@@ -627,7 +621,8 @@ class GenEvalScorer:
             self.detector_processor = AutoImageProcessor.from_pretrained(
                 self.detector_id, revision=self.detector_revision
             )
-        if self.detector is None:
+        loaded_here = self.detector is None
+        if loaded_here:
             from transformers import Mask2FormerForUniversalSegmentation
 
             try:
@@ -639,26 +634,32 @@ class GenEvalScorer:
                     f"The GenEval detector (Mask2Former) failed to load: {error}. transformers' Mask2Former needs "
                     "scipy even for inference (it builds its training loss): pip install scipy."
                 ) from error
-            self.detector = model.to(self.device if self.device is not None else _default_device())
-        self.detector = self._prepare(self.detector)
-        self._detector_ready = True
+            self.detector = model
+        self._detector_device = self._place([self.detector], loaded_here)
 
     def _load_clip(self) -> None:
-        if self._clip_ready:
+        if self._clip_device is not None:
             return
         if self.clip_processor is None:
             from transformers import AutoProcessor
 
             self.clip_processor = AutoProcessor.from_pretrained(self.clip_id, revision=self.clip_revision)
-        if self.clip_model is None:
+        loaded_here = self.clip_model is None
+        if loaded_here:
             from transformers import CLIPModel
 
-            model = CLIPModel.from_pretrained(
+            self.clip_model = CLIPModel.from_pretrained(
                 self.clip_id, revision=self.clip_revision, dtype=self.dtype, use_safetensors=True
             )
-            self.clip_model = model.to(self.device if self.device is not None else _default_device())
-        self.clip_model = self._prepare(self.clip_model)
-        self._clip_ready = True
+        self._clip_device = self._place([self.clip_model], loaded_here)
+
+    def _detector_on_device(self) -> contextlib.AbstractContextManager[None]:
+        self._load_detector()
+        return offloaded([self.detector], self._detector_device, self.offload)
+
+    def _clip_on_device(self) -> contextlib.AbstractContextManager[None]:
+        self._load_clip()
+        return offloaded([self.clip_model], self._clip_device, self.offload)
 
     def load(self) -> None:
         """Load both models and processors if they are not loaded yet (otherwise done on first use)."""
@@ -671,11 +672,14 @@ class GenEvalScorer:
         id2label = self.detector.config.id2label
         return [COCO_TO_GENEVAL_NAMES.get(id2label[i], id2label[i]) for i in sorted(id2label)]
 
-    @torch.no_grad()
     def detect(self, images: Sequence[Image.Image | np.ndarray]) -> list[list[Detection]]:
         """Mask2Former's instances in each image with a score of at least the lowest rule threshold, as
         `Detection`s (class name, score, box, mask; no colour), most confident first."""
-        self._load_detector()
+        with self._detector_on_device():
+            return self._detect(images)
+
+    @torch.no_grad()
+    def _detect(self, images: Sequence[Image.Image | np.ndarray]) -> list[list[Detection]]:
         parameter = next(self.detector.parameters())
         names = {i: COCO_TO_GENEVAL_NAMES.get(label, label) for i, label in self.detector.config.id2label.items()}
         minimum = min(self.rules["threshold"], self.rules["counting_threshold"])
@@ -729,14 +733,19 @@ class GenEvalScorer:
             self._color_embeddings[class_name] = torch.nn.functional.normalize(embeds, dim=-1)
         return self._color_embeddings[class_name]
 
-    @torch.no_grad()
     def classify_colors(
         self, image: Image.Image | np.ndarray, class_name: str, detections: Sequence[Detection]
     ) -> list[str]:
         """GenEval's colour of each detection of `class_name` in `image` (one of `GENEVAL_COLORS`)."""
         if not detections:
             return []
-        self._load_clip()
+        with self._clip_on_device():
+            return self._classify_colors(image, class_name, detections)
+
+    @torch.no_grad()
+    def _classify_colors(
+        self, image: Image.Image | np.ndarray, class_name: str, detections: Sequence[Detection]
+    ) -> list[str]:
         image = _to_rgb_image(image)
         blank = Image.new("RGB", image.size, CROP_BACKGROUND)
         crops = []
@@ -786,14 +795,26 @@ class GenEvalScorer:
                         f"GenEval metadata {index} names class {clause['class']!r}, which the detector "
                         f"{self.detector_id!r} does not detect; its classes: {sorted(known)}"
                     )
-        results = []
-        for image, metadata, detections in zip(images, parsed, self.detect(images)):
+        found = self.detect(images)
+        # CLIP is loaded and moved to the device on the first colour a rule asks for, and stays there to the end.
+        with contextlib.ExitStack() as clip_on_device:
+            clip_ready = False
 
-            def classify(class_name: str, objects: Sequence[Detection], _image: Any = image) -> list[str]:
-                return self.classify_colors(_image, class_name, objects)
+            def classify(image: Any, class_name: str, objects: Sequence[Detection]) -> list[str]:
+                nonlocal clip_ready
+                if not objects:
+                    return []
+                if not clip_ready:
+                    clip_on_device.enter_context(self._clip_on_device())
+                    clip_ready = True
+                return self._classify_colors(image, class_name, objects)
 
-            results.append(evaluate_detections(metadata, detections, classify_colors=classify, **self.rules))
-        return results
+            return [
+                evaluate_detections(
+                    metadata, detections, classify_colors=functools.partial(classify, image), **self.rules
+                )
+                for image, metadata, detections in zip(images, parsed, found)
+            ]
 
     def __repr__(self) -> str:
         return (

@@ -20,16 +20,13 @@ checkpoint is not loaded in the test suite (no network, and OpenCLIP needs torch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from ._models import check_prompts_and_images, default_device, import_extra, offloaded
-from .compression import _to_rgb_image
+from ._models import BatchedRewardModel, import_extra
 
 __all__ = [
     "HPSV2_ARCHITECTURE",
@@ -68,7 +65,7 @@ def load_hpsv2_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
-class HPSv2Reward:
+class HPSv2Reward(BatchedRewardModel):
     """HPSv2.1 score of each image for its prompt, as a reward function (`prompts`, `images` -> one float per image).
 
     Loaded on the first call (see the module docstring), moved to `device`, put in eval mode, run under
@@ -90,6 +87,8 @@ class HPSv2Reward:
         tokenizer: A tokenizer (list of strings -> `(N, context_length)` token ids), e.g. OpenCLIP's.
     """
 
+    reward_name = "HPSv2"
+
     def __init__(
         self,
         checkpoint_repo: str = HPSV2_CHECKPOINT_REPO,
@@ -105,31 +104,25 @@ class HPSv2Reward:
         preprocess: Callable[[Image.Image], torch.Tensor] | None = None,
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        super().__init__(device=device, dtype=dtype, batch_size=batch_size, offload=offload)
         self.checkpoint_repo = checkpoint_repo
         self.checkpoint_filename = checkpoint_filename
         self.checkpoint_path = checkpoint_path
         self.architecture = architecture
-        self.device = torch.device(device) if device is not None else None
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.offload = offload
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
-        self._compute_device: torch.device | None = None
-        self._loaded_model = False  # whether `model` was loaded here (then it goes to the default device)
 
     @property
     def is_loaded(self) -> bool:
         """Whether the model, its image transform and its tokenizer are in memory (loaded or injected)."""
         return self.model is not None and self.preprocess is not None and self.tokenizer is not None
 
-    def load(self) -> None:
-        """Load whatever is not loaded yet (done automatically on the first call)."""
-        if self._compute_device is not None:
-            return
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def _load_models(self) -> bool:
+        loaded_here = self.model is None
         if not self.is_loaded:
             open_clip = import_extra("open_clip", "open_clip_torch", "hpsv2", "hpsv2")
             if self.model is None or self.preprocess is None:
@@ -142,54 +135,24 @@ class HPSv2Reward:
                         path = hf_hub_download(self.checkpoint_repo, self.checkpoint_filename)
                     model.load_state_dict(load_hpsv2_state_dict(path), strict=True)
                     self.model = model.to(self.dtype)
-                    self._loaded_model = True
                 if self.preprocess is None:
                     self.preprocess = preprocess_val
             if self.tokenizer is None:
                 self.tokenizer = open_clip.get_tokenizer(self.architecture)
-        if self._loaded_model:
-            device = self.device if self.device is not None else default_device()
-        else:
-            device = self.device if self.device is not None else next(self.model.parameters()).device
-        self.model.eval()
-        self.model.requires_grad_(False)
-        self.model.to("cpu" if self.offload else device)
-        self._compute_device = device
+        return loaded_here
 
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
-        """HPSv2 score (cosine) of `images[i]` for `prompts[i]`, a float32 CPU tensor of shape `(len(images),)`."""
-        check_prompts_and_images(prompts, images, "HPSv2")
-        if len(images) == 0:
-            return torch.empty(0, dtype=torch.float32)
-        self.load()
-        scores = []
-        with offloaded([self.model], self._compute_device, self.offload):
-            parameter = next(self.model.parameters())
-            for start in range(0, len(images), self.batch_size):
-                batch = [_to_rgb_image(image) for image in images[start : start + self.batch_size]]
-                pixels = torch.stack([self.preprocess(image) for image in batch])
-                tokens = self.tokenizer(list(prompts[start : start + self.batch_size]))
-                image_features = self.model.encode_image(
-                    pixels.to(device=parameter.device, dtype=parameter.dtype), normalize=True
-                )
-                text_features = self.model.encode_text(tokens.to(parameter.device), normalize=True)
-                image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
-                text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
-                scores.append((image_features * text_features).sum(dim=-1).cpu())
-        return torch.cat(scores)
-
-    def __call__(
-        self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray], **kwargs: Any
-    ) -> list[float]:
-        """Reward-function entry point: one HPSv2 score per image (see the class docstring).
-
-        Args:
-            prompts: One prompt per image; image `i` is scored against `prompts[i]`.
-            images: PIL images (any mode; converted to RGB) or `uint8` numpy arrays of shape `(H, W[, C])`.
-            **kwargs: Other dataset columns and `trainer_state`; ignored.
-        """
-        return self.score(prompts, images).tolist()
+    def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+        """HPSv2 score (cosine) of each image of one batch for its prompt."""
+        parameter = next(self.model.parameters())
+        pixels = torch.stack([self.preprocess(image) for image in images])
+        tokens = self.tokenizer(prompts)
+        image_features = self.model.encode_image(
+            pixels.to(device=parameter.device, dtype=parameter.dtype), normalize=True
+        )
+        text_features = self.model.encode_text(tokens.to(parameter.device), normalize=True)
+        image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
+        text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
+        return (image_features * text_features).sum(dim=-1)
 
     def __repr__(self) -> str:
         return (

@@ -24,18 +24,15 @@ the test suite, so a naming difference would show on its first load as a `ValueE
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from ._models import check_prompts_and_images, default_device, offloaded
+from ._models import BatchedRewardModel
 from .aesthetic import AestheticMLP
-from .compression import _to_rgb_image
 
 __all__ = [
     "IMAGE_REWARD_CHECKPOINT_FILENAME",
@@ -240,7 +237,7 @@ def make_image_reward_processors(tokenizer_id: str = IMAGE_REWARD_TOKENIZER_ID) 
     return tokenizer, image_processor
 
 
-class ImageRewardReward:
+class ImageRewardReward(BatchedRewardModel):
     """ImageReward of each image for its prompt, as a reward function (`prompts`, `images` -> one float per image).
 
     Loaded on the first call (see the module docstring), moved to `device`, eval mode, `torch.no_grad()`, batches of
@@ -263,6 +260,8 @@ class ImageRewardReward:
         image_processor: An already built image processor.
     """
 
+    reward_name = "ImageReward"
+
     def __init__(
         self,
         checkpoint_repo: str = IMAGE_REWARD_REPO,
@@ -280,37 +279,32 @@ class ImageRewardReward:
         tokenizer: Any = None,
         image_processor: Any = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        super().__init__(device=device, dtype=dtype, batch_size=batch_size, offload=offload)
         self.checkpoint_repo = checkpoint_repo
         self.checkpoint_filename = checkpoint_filename
         self.checkpoint_path = checkpoint_path
         self.tokenizer_id = tokenizer_id
-        self.device = torch.device(device) if device is not None else None
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.offload = offload
         self.vision_config = vision_config
         self.text_config = text_config
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self._compute_device: torch.device | None = None
 
     @property
     def is_loaded(self) -> bool:
         """Whether the model, tokenizer and image processor are in memory (loaded or injected)."""
         return self.model is not None and self.tokenizer is not None and self.image_processor is not None
 
-    def load(self) -> None:
-        """Load whatever is not loaded yet (done automatically on the first call)."""
-        if self._compute_device is not None:
-            return
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def _load_models(self) -> bool:
         if self.tokenizer is None or self.image_processor is None:
             tokenizer, image_processor = make_image_reward_processors(self.tokenizer_id)
             self.tokenizer = self.tokenizer or tokenizer
             self.image_processor = self.image_processor or image_processor
-        if self.model is None:
+        loaded_here = self.model is None
+        if loaded_here:
             path = self.checkpoint_path
             if path is None:
                 from huggingface_hub import hf_hub_download
@@ -319,54 +313,22 @@ class ImageRewardReward:
             self.model = load_image_reward_model(path, self.vision_config, self.text_config)
             self.model.vision_model.to(self.dtype)
             self.model.text_encoder.to(self.dtype)
-            device = self.device if self.device is not None else default_device()
-        else:
-            device = self.device if self.device is not None else next(self.model.parameters()).device
-        self.model.eval()
-        self.model.requires_grad_(False)
         self.model.mlp.float()
-        self.model.to("cpu" if self.offload else device)
-        self._compute_device = device
+        return loaded_here
 
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
-        """ImageReward of `images[i]` for `prompts[i]`, a float32 CPU tensor of shape `(len(images),)`."""
-        check_prompts_and_images(prompts, images, "ImageReward")
-        if len(images) == 0:
-            return torch.empty(0, dtype=torch.float32)
-        self.load()
-        scores = []
-        with offloaded([self.model], self._compute_device, self.offload):
-            parameter = next(self.model.vision_model.parameters())
-            for start in range(0, len(images), self.batch_size):
-                batch = [_to_rgb_image(image) for image in images[start : start + self.batch_size]]
-                pixels = self.image_processor(images=batch, return_tensors="pt")["pixel_values"]
-                text = self.tokenizer(
-                    list(prompts[start : start + self.batch_size]),
-                    padding="max_length",
-                    truncation=True,
-                    max_length=TEXT_MAX_LENGTH,
-                    return_tensors="pt",
-                )
-                rewards = self.model(
-                    pixel_values=pixels.to(device=parameter.device, dtype=parameter.dtype),
-                    input_ids=text["input_ids"].to(parameter.device),
-                    attention_mask=text["attention_mask"].to(parameter.device),
-                )
-                scores.append(rewards.float().cpu())
-        return torch.cat(scores)
-
-    def __call__(
-        self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray], **kwargs: Any
-    ) -> list[float]:
-        """Reward-function entry point: one ImageReward per image (see the class docstring).
-
-        Args:
-            prompts: One prompt per image; image `i` is scored against `prompts[i]`.
-            images: PIL images (any mode; converted to RGB) or `uint8` numpy arrays of shape `(H, W[, C])`.
-            **kwargs: Other dataset columns and `trainer_state`; ignored.
-        """
-        return self.score(prompts, images).tolist()
+    def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+        """ImageReward of each image of one batch for its prompt (float32)."""
+        parameter = next(self.model.vision_model.parameters())
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        text = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=TEXT_MAX_LENGTH, return_tensors="pt"
+        )
+        rewards = self.model(
+            pixel_values=pixels.to(device=parameter.device, dtype=parameter.dtype),
+            input_ids=text["input_ids"].to(parameter.device),
+            attention_mask=text["attention_mask"].to(parameter.device),
+        )
+        return rewards.float()
 
     def __repr__(self) -> str:
         return (

@@ -292,8 +292,6 @@ class TransformersJudge:
 
     def _judge_batch(self, prompts: Sequence[str], images_a: Sequence[Any], images_b: Sequence[Any]) -> list[str]:
         """Generate the replies for one batch of pairs."""
-        import torch
-
         conversations = [
             [
                 {
@@ -309,7 +307,13 @@ class TransformersJudge:
         ]
         texts = self.processor.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
         images = [_to_rgb_image(image) for pair in zip(images_a, images_b) for image in pair]
-        inputs = self.processor(text=list(texts), images=images, padding=True, return_tensors="pt")
+        return self._generate(texts, images)
+
+    def _generate(self, texts: Sequence[str], images: Sequence[Any]) -> list[str]:
+        """Greedy replies to the chat-rendered `texts` with their RGB `images`; only the generated tokens, decoded."""
+        import torch
+
+        inputs = self.processor(text=list(texts), images=list(images), padding=True, return_tensors="pt")
         parameter = next(self.model.parameters())
         inputs = {
             key: value.to(parameter.device, dtype=parameter.dtype if value.is_floating_point() else None)

@@ -10,6 +10,8 @@ texts are lowercased and stripped of whitespace, then
 where `distance` is 0 if the target occurs in the recognised text and their Levenshtein distance otherwise. The
 reward is in [0, 1]; it is `None` (not applicable) for a prompt without a quoted text.
 
+RapidOCR never uses the accelerator, so `offload` concerns only an injected engine that is a torch module.
+
 Install the engine with `pip install "trl-flow-grpo[ocr]"`.
 """
 
@@ -20,8 +22,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
+from ._models import RewardModel
 from .compression import _to_rgb_image
 
 __all__ = [
@@ -83,7 +87,7 @@ def ocr_similarity(recognized: str, target: str) -> float:
     return 1.0 - min(distance, len(target)) / len(target)
 
 
-class OCRReward:
+class OCRReward(RewardModel):
     """How well each image renders the quoted text of its prompt (see the module docstring), in [0, 1] or `None`.
 
     The OCR engine (`rapidocr_onnxruntime.RapidOCR`) is created on the first call that needs it. It runs on the
@@ -96,16 +100,25 @@ class OCRReward:
             confidence]`), to use instead of creating one.
         engine_kwargs: Keyword arguments for `RapidOCR(...)`, e.g. `{"intra_op_num_threads": 4}` to bound ONNX
             Runtime's CPU threads, or `{"text_score": 0.3}` to keep less confident lines.
+        offload: For an injected engine that is a `torch.nn.Module`: keep it on the CPU between calls and move it to
+            the device it was given on only while reading (as the other model rewards' `offload`; it is put in eval
+            mode without gradients on first use). RapidOCR runs on the CPU, so for it this changes nothing.
 
     Raises:
         ImportError: on the first call, if `rapidocr-onnxruntime` is not installed and no `engine` was given.
     """
 
-    def __init__(self, *, engine: Any = None, engine_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, *, engine: Any = None, engine_kwargs: dict[str, Any] | None = None, offload: bool = False
+    ) -> None:
+        super().__init__(offload=offload)
         self.engine = engine
         self.engine_kwargs = dict(engine_kwargs or {})
 
-    def _get_engine(self) -> Any:
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.engine] if isinstance(self.engine, torch.nn.Module) else []
+
+    def _load_models(self) -> bool:
         if self.engine is None:
             try:
                 from rapidocr_onnxruntime import RapidOCR
@@ -116,12 +129,16 @@ class OCRReward:
                     "Python < 3.13), or pass a compatible engine: OCRReward(engine=...)."
                 ) from error
             self.engine = RapidOCR(**self.engine_kwargs)
-        return self.engine
+        return False  # an injected torch engine keeps its device; RapidOCR has none to move
 
     def read_text(self, image: Image.Image | np.ndarray) -> str:
         """The text OCR recognises in `image` (lines concatenated in reading order; `""` if none)."""
+        with self._on_device():
+            return self._read_text(image)
+
+    def _read_text(self, image: Image.Image | np.ndarray) -> str:
         bgr = np.ascontiguousarray(np.asarray(_to_rgb_image(image))[:, :, ::-1])  # RapidOCR reads arrays as BGR
-        results, _ = self._get_engine()(bgr, use_cls=False)
+        results, _ = self.engine(bgr, use_cls=False)
         return "".join(str(line[1]) for line in results or [])
 
     def __call__(
@@ -136,13 +153,13 @@ class OCRReward:
         """
         if len(prompts) != len(images):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-        rewards: list[float | None] = []
-        for prompt, image in zip(prompts, images):
-            target = extract_quoted_text(prompt)
-            if target is None or not normalize_text(target):
-                rewards.append(None)
-                continue
-            rewards.append(ocr_similarity(self.read_text(image), target))
+        targets = [extract_quoted_text(prompt) for prompt in prompts]
+        rewards: list[float | None] = [None] * len(images)
+        read = [i for i, target in enumerate(targets) if target is not None and normalize_text(target)]
+        if read:  # the engine is created (and moved, with `offload`) only when some prompt has a target
+            with self._on_device():
+                for i in read:
+                    rewards[i] = ocr_similarity(self._read_text(images[i]), targets[i])
         return rewards
 
     def __repr__(self) -> str:

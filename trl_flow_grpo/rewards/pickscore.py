@@ -14,15 +14,13 @@ cheap and downloads nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-from ._models import check_prompts_and_images
-from .compression import _to_rgb_image
+from ._models import BatchedRewardModel
+from .clip_score import clip_cosines
 
 __all__ = [
     "PICKSCORE_MODEL_ID",
@@ -37,17 +35,8 @@ PICKSCORE_PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_NORMALIZER = 26.0
 """Flow-GRPO divides PickScore by this constant to get rewards of about [0, 1] (`normalize=True`)."""
 
-_MAX_TEXT_LENGTH = 77  # CLIP's context length
 
-
-def _default_device() -> torch.device:
-    """The current CUDA device if CUDA is available (the process's own GPU under `accelerate`), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-class PickScoreReward:
+class PickScoreReward(BatchedRewardModel):
     """PickScore of each image for its prompt, as a reward function (`prompts`, `images` -> one float per image).
 
     Models are loaded with `transformers.AutoProcessor` / `AutoModel` (`use_safetensors=True`) on the first call,
@@ -64,6 +53,8 @@ class PickScoreReward:
         batch_size: Images per forward pass.
         normalize: Divide scores by 26 ([`PICKSCORE_NORMALIZER`], Flow-GRPO's training convention). Off by default:
             raw PickScore is what papers report.
+        offload: Keep the model on the CPU between calls and move it to `device` only while scoring (frees
+            accelerator memory for sampling and training, costs one copy of the weights per call).
         revision: Hub revision (branch, tag or commit) of `model_id`, e.g. a `refs/pr/N` branch holding safetensors
             weights.
         model: An already loaded `CLIPModel` (or compatible model returning `text_embeds` / `image_embeds` and
@@ -80,6 +71,8 @@ class PickScoreReward:
     ```
     """
 
+    reward_name = "PickScore"
+
     def __init__(
         self,
         model_id: str = PICKSCORE_MODEL_ID,
@@ -89,32 +82,28 @@ class PickScoreReward:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 16,
         normalize: bool = False,
+        offload: bool = False,
         revision: str | None = None,
         model: torch.nn.Module | None = None,
         processor: Any = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        super().__init__(device=device, dtype=dtype, batch_size=batch_size, offload=offload)
         self.model_id = model_id
         self.processor_id = processor_id
-        self.device = torch.device(device) if device is not None else None
-        self.dtype = dtype
-        self.batch_size = batch_size
         self.normalize = normalize
         self.revision = revision
         self.model = model
         self.processor = processor
-        self._prepared = False
 
     @property
     def is_loaded(self) -> bool:
         """Whether the model and processor are in memory (loaded or injected)."""
         return self.model is not None and self.processor is not None
 
-    def load(self) -> None:
-        """Load the processor and the model if they are not loaded yet (done automatically on the first call)."""
-        if self._prepared:
-            return
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def _load_models(self) -> bool:
         if self.processor is None:
             from transformers import AutoProcessor
 
@@ -122,63 +111,17 @@ class PickScoreReward:
         if self.model is None:
             from transformers import AutoModel
 
-            model = AutoModel.from_pretrained(
+            self.model = AutoModel.from_pretrained(
                 self.model_id, revision=self.revision, dtype=self.dtype, use_safetensors=True
             )
-            self.model = model.to(self.device if self.device is not None else _default_device())
-        elif self.device is not None:
-            self.model = self.model.to(self.device)
-        self.model.eval()
-        self.model.requires_grad_(False)
-        self._prepared = True
+            return True
+        return False
 
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
-        """PickScore of `images[i]` for `prompts[i]`, as a float32 CPU tensor of shape `(len(images),)`.
-
-        Scores are raw (`logit_scale.exp() * cosine`), or divided by 26 when `normalize=True`.
-        """
-        check_prompts_and_images(prompts, images, "PickScore")
-        if len(images) == 0:
-            return torch.empty(0, dtype=torch.float32)
-        self.load()
-        parameter = next(self.model.parameters())
-        scores = []
-        for start in range(0, len(images), self.batch_size):
-            batch_prompts = list(prompts[start : start + self.batch_size])
-            batch_images = [_to_rgb_image(image) for image in images[start : start + self.batch_size]]
-            inputs = self.processor(
-                text=batch_prompts,
-                images=batch_images,
-                padding=True,
-                truncation=True,
-                max_length=_MAX_TEXT_LENGTH,
-                return_tensors="pt",
-            )
-            attention_mask = inputs.get("attention_mask")
-            outputs = self.model(
-                input_ids=inputs["input_ids"].to(parameter.device),
-                attention_mask=None if attention_mask is None else attention_mask.to(parameter.device),
-                pixel_values=inputs["pixel_values"].to(device=parameter.device, dtype=parameter.dtype),
-            )
-            text_embeds = torch.nn.functional.normalize(outputs.text_embeds.float(), dim=-1)
-            image_embeds = torch.nn.functional.normalize(outputs.image_embeds.float(), dim=-1)
-            logit_scale = self.model.logit_scale.float().exp()
-            scores.append((logit_scale * (text_embeds * image_embeds).sum(dim=-1)).cpu())
-        result = torch.cat(scores)
-        return result / PICKSCORE_NORMALIZER if self.normalize else result
-
-    def __call__(
-        self, prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray], **kwargs: Any
-    ) -> list[float]:
-        """Reward-function entry point: one PickScore per image (see the class docstring).
-
-        Args:
-            prompts: One prompt per image; image `i` is scored against `prompts[i]`.
-            images: PIL images (any mode; converted to RGB) or `uint8` numpy arrays of shape `(H, W[, C])`.
-            **kwargs: Other dataset columns and `trainer_state`; ignored.
-        """
-        return self.score(prompts, images).tolist()
+    def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+        """PickScore of one batch: raw (`logit_scale.exp() * cosine`), or divided by 26 when `normalize=True`."""
+        cosines = clip_cosines(self.model, self.processor, prompts, images)
+        scores = self.model.logit_scale.float().exp() * cosines
+        return scores / PICKSCORE_NORMALIZER if self.normalize else scores
 
     def __repr__(self) -> str:
         return (

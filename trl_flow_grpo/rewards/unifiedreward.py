@@ -190,26 +190,12 @@ class TransformersUnifiedReward(TransformersJudge):
 
     def _score_batch(self, prompts: Sequence[str], images: Sequence[Any]) -> list[str]:
         """Generate the replies for one batch of images."""
-        import torch
-
         conversations = [
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_point_prompt(prompt)}]}]
             for prompt in prompts
         ]
         texts = self.processor.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
-        rgb = [_to_rgb_image(image) for image in images]
-        inputs = self.processor(text=list(texts), images=rgb, padding=True, return_tensors="pt")
-        parameter = next(self.model.parameters())
-        inputs = {
-            key: value.to(parameter.device, dtype=parameter.dtype if value.is_floating_point() else None)
-            if isinstance(value, torch.Tensor)
-            else value
-            for key, value in inputs.items()
-        }
-        with torch.inference_mode():
-            sequences = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
-        return list(self.processor.batch_decode(new_tokens, skip_special_tokens=True))
+        return self._generate(texts, [_to_rgb_image(image) for image in images])
 
     def __call__(self, prompts: Sequence[str], images: Sequence[Any], **kwargs: Any) -> list[float | None]:  # type: ignore[override]
         """Score each image `images[i]` for caption `prompts[i]`.
