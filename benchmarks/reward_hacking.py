@@ -8,7 +8,7 @@
 The reward is the task reward `shapes_geneval` plus `hack_weight` x a feature of the image the task does not ask for
 (`saturation`: mean HSV saturation; `brightness`: mean HSV value; both in [0, 1]), as a second reward function with
 `reward_weights=[1, hack_weight]`. Every arm starts from the shipped pretrained shapes model and trains with the shapes
-recipe (`toy.recipe.SHAPES_RECIPE`: full fine-tuning, G = 8, 32 images per step, first 5 of 10 steps trained) for the
+recipe (`toy.recipe.SHAPES_RECIPE`: full fine-tuning, 32 images per step, first 5 of 10 steps trained) for the
 same number of optimizer steps and the same seed:
 
 - `flow_grpo`: plain Flow-GRPO (`beta=0`);

@@ -592,7 +592,8 @@ def train(argv: list[str]) -> None:
             f"{'LoRA' if script_args.use_peft else 'full fine-tuning'}, "
             f"learning_rate {training_args.learning_rate:g}, "
             f"beta {training_args.beta:g}, {training_args.num_inference_steps} steps (the first "
-            f"{training_args.num_sde_steps} SDE), train_cfg {training_args.train_cfg}, {training_args.max_steps} "
+            f"{training_args.num_sde_steps} stochastic: {training_args.sde_type}, noise_level "
+            f"{training_args.noise_level:g}), train_cfg {training_args.train_cfg}, {training_args.max_steps} "
             "optimizer steps.",
             flush=True,
         )

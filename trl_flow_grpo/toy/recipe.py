@@ -27,10 +27,12 @@ SHAPES_RECIPE: dict[str, Any] = {
     "height": 32,
     "width": 32,
     "max_sequence_length": 16,  # the T5 stand-in was trained on 16 tokens
-    "num_generations": 8,  # G images per prompt
+    "num_generations": 4,  # G images per prompt: 8 prompts per step learn faster than 4 prompts x 8
     "per_device_train_batch_size": 16,
-    "gradient_accumulation_steps": 2,  # 32 images = 4 prompts x 8 per optimizer step
+    "gradient_accumulation_steps": 2,  # 32 images = 8 prompts x 4 per optimizer step
     "num_inference_steps": 10,
+    "sde_type": "cps",  # coefficients-preserving sampling: learns faster here than the SDE at 0.7
+    "noise_level": 0.8,
     "timestep_fraction": 0.5,  # train the first 5 of the 10 steps (they decide the layout)
     "train_cfg": False,  # roll out and train without CFG: half the cost
     "guidance_scale": 4.5,  # held-out evaluation with CFG, as GenEval evaluates SD3.5
