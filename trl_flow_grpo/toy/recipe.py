@@ -27,11 +27,11 @@ SHAPES_RECIPE: dict[str, Any] = {
     "height": 32,
     "width": 32,
     "max_sequence_length": 16,  # the T5 stand-in was trained on 16 tokens
-    "num_generations": 4,  # G images per prompt: 8 prompts per step learn faster than 4 prompts x 8
+    "num_generations": 4,  # G images per prompt: 8 prompts x 4 per step, with CPS the most reliable study row
     "per_device_train_batch_size": 16,
     "gradient_accumulation_steps": 2,  # 32 images = 8 prompts x 4 per optimizer step
     "num_inference_steps": 10,
-    "sde_type": "cps",  # coefficients-preserving sampling: learns faster here than the SDE at 0.7
+    "sde_type": "cps",  # coefficients-preserving sampling (+0.154 / +0.170 at 150 steps with G = 4, 2 seeds)
     "noise_level": 0.8,
     "timestep_fraction": 0.5,  # train the first 5 of the 10 steps (they decide the layout)
     "train_cfg": False,  # roll out and train without CFG: half the cost
