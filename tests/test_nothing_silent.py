@@ -392,6 +392,24 @@ def test_a_damaged_checkpoint_fails_naming_the_file(saved_checkpoint, tmp_path, 
     assert expected in str(excinfo.value) and "resume_allow_damaged_checkpoint=True" in str(excinfo.value)
 
 
+def test_a_temporary_file_of_another_process_is_not_part_of_the_checkpoint(tmp_path):
+    """With several processes, rank 0 writes the manifest while another rank's safetensors write may still hold its
+    temporary `.tmpXXXXXX` file in the folder; once renamed it is gone, and the checkpoint must still verify."""
+    from trl_flow_grpo.checkpoint_integrity import write_manifest
+
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / "optimizer.pt").write_bytes(b"state")
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / ".tmpRBdrKo").write_bytes(b"half-written rollout_buffer_1")
+    write_manifest(str(folder))
+    (folder / ".tmpRBdrKo").unlink()
+    verify_checkpoint(str(folder), require_optimizer=False)
+    (folder / "optimizer.pt").unlink()  # a real file of the checkpoint is still checked
+    with pytest.raises(DamagedCheckpointError, match="optimizer.pt is missing"):
+        verify_checkpoint(str(folder), require_optimizer=False)
+
+
 def test_without_a_manifest_a_truncated_file_is_still_named(saved_checkpoint, tmp_path):
     folder = _copy(saved_checkpoint, tmp_path)
     os.remove(os.path.join(folder, MANIFEST_NAME))  # a checkpoint written before manifests existed

@@ -26,6 +26,10 @@ SCHEDULER_NAME = "scheduler.pt"
 TRAINER_STATE_NAME = "trainer_state.json"
 # Files written by processes other than the main one (possibly still being written when the manifest is).
 _OTHER_PROCESS_FILE = re.compile(r"^(rng_state|rollout_buffer)_([1-9][0-9]*)\.(pth|safetensors)$")
+# The temporary file safetensors (Rust's `tempfile`: ".tmp" and 6 characters) writes and renames into place: another
+# process's file being written at that moment, never part of the checkpoint (recording it made a 2-process resume
+# fail on ".tmpXXXXXX is missing").
+_TEMPORARY_FILE = re.compile(r"^\.tmp[A-Za-z0-9_]{6}$")
 _CHUNK = 1 << 20
 
 
@@ -48,7 +52,7 @@ def _recorded_files(folder: str) -> list[str]:
             path = os.path.relpath(os.path.join(root, name), folder)
             if path in (MANIFEST_NAME, TRAINER_STATE_NAME) or name.endswith(".tmp"):
                 continue
-            if _OTHER_PROCESS_FILE.match(name):
+            if _OTHER_PROCESS_FILE.match(name) or _TEMPORARY_FILE.match(name):
                 continue
             files.append(path.replace(os.sep, "/"))
     return sorted(files)
