@@ -144,6 +144,19 @@ class PipelineAdapter(ABC):
             "to train on edits."
         )
 
+    def source_latents(self, cond: Conditioning) -> torch.Tensor:
+        """The packed source-image latents an editing adapter's `encode_edit` put in `cond` (for `velocity`).
+
+        Raises:
+            ValueError: `cond` has none (the dataset lacks the source image column).
+        """
+        if "image_latents" not in cond:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} edits a source image, but the conditioning has none: the dataset "
+                "needs a column of source images (`source_image_column`, 'image' by default)."
+            )
+        return cond["image_latents"]
+
     def encode_edit(
         self,
         prompts: list[str],

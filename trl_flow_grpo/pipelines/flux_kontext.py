@@ -48,16 +48,12 @@ class FluxKontextAdapter(FluxAdapter):
         cond: Conditioning,
         guidance_scale: float,
     ) -> torch.Tensor:
-        if "image_latents" not in cond:
-            raise ValueError(
-                "FluxKontextPipeline edits a source image, but the conditioning has none: the dataset needs a column "
-                "of source images (`source_image_column`, 'image' by default)."
-            )
+        source = self.source_latents(cond)
         embeds = cond["prompt_embeds"]
         dtype, device = embeds.dtype, latents.device
         batch, _, height, width = latents.shape
         packed = self.pack(latents).to(dtype)
-        source = cond["image_latents"].to(dtype)
+        source = source.to(dtype)
         latent_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
         source_ids = latent_ids.clone()
         source_ids[..., 0] = 1  # the source's tokens: the same grid, first axis 1 (the pipeline's `image_ids`)

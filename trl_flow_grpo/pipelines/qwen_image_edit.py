@@ -112,16 +112,10 @@ class QwenImageEditAdapter(QwenImageAdapter):
         cond: Conditioning,
         guidance_scale: float,
     ) -> torch.Tensor:
-        if "image_latents" not in cond:
-            raise ValueError(
-                f"{type(self.pipeline).__name__} edits a source image, but the conditioning has none: the dataset "
-                "needs a column of source images (`source_image_column`, 'image' by default)."
-            )
+        source = self.source_latents(cond)
         _, _, height, width = latents.shape
         source_shape = (1, height // 2, width // 2)  # the source has the output's size (see the class docstring)
-        return self._true_cfg_velocity(
-            transformer, latents, sigma, cond, guidance_scale, cond["image_latents"], (source_shape,)
-        )
+        return self._true_cfg_velocity(transformer, latents, sigma, cond, guidance_scale, source, (source_shape,))
 
 
 class QwenImageEditPlusAdapter(QwenImageEditAdapter):
