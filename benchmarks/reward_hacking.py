@@ -231,18 +231,18 @@ def table(results: dict) -> str:
         f"| arm | accuracy change | {feature} drift | drift / plain | accuracy - plain | training minutes |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    means = {}
-    for arm in dict.fromkeys(r["arm"] for r in results["runs"]):
-        runs = [r for r in results["runs"] if r["arm"] == arm]
-        acc, drift = [r["accuracy_change"]["value"] for r in runs], [r["feature_drift"] for r in runs]
-        means[arm] = (np.mean(acc), np.mean(drift))
+    per_arm: dict[str, dict[str, list[float]]] = {}  # arm -> accuracy changes, drifts, training seconds per seed
+    for r in results["runs"]:
+        arm = per_arm.setdefault(r["arm"], {"acc": [], "drift": [], "seconds": []})
+        arm["acc"].append(r["accuracy_change"]["value"])
+        arm["drift"].append(r["feature_drift"])
+        arm["seconds"].append(r["train_seconds"])
+    means = {name: (np.mean(arm["acc"]), np.mean(arm["drift"])) for name, arm in per_arm.items()}
     plain = means.get("flow_grpo")
     met = []
     for arm, (acc_mean, drift_mean) in means.items():
-        runs = [r for r in results["runs"] if r["arm"] == arm]
-        acc = [r["accuracy_change"]["value"] for r in runs]
-        drift = [r["feature_drift"] for r in runs]
-        minutes = np.mean([r["train_seconds"] for r in runs]) / 60
+        acc, drift = per_arm[arm]["acc"], per_arm[arm]["drift"]
+        minutes = np.mean(per_arm[arm]["seconds"]) / 60
         ratio = f"{drift_mean / plain[1]:.2f}" if plain and plain[1] > 0 else "-"
         versus = f"{acc_mean - plain[0]:+.3f}" if plain else "-"
         if plain and arm != "flow_grpo" and drift_mean <= 0.5 * plain[1] and acc_mean >= plain[0] - 0.02:
