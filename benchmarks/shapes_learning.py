@@ -94,17 +94,10 @@ def run_seed(seed: int, recipe: dict, cli) -> dict:
         }
     )
     peft_config = None
-    if cli.lora_rank is not None:
-        from peft import LoraConfig
+    if cli.lora_rank is not None:  # `trl-flow-grpo train --use_peft --lora_r R --lora_alpha R`'s LoRA
+        from trl_flow_grpo.cli import TrainScriptArguments, lora_config
 
-        from trl_flow_grpo.pipelines.sd3 import LORA_TARGET_MODULES
-
-        peft_config = LoraConfig(
-            r=cli.lora_rank,
-            lora_alpha=cli.lora_rank,
-            init_lora_weights="gaussian",
-            target_modules=list(LORA_TARGET_MODULES),
-        )
+        peft_config = lora_config(TrainScriptArguments(use_peft=True, lora_r=cli.lora_rank, lora_alpha=cli.lora_rank))
     trainer = FlowGRPOTrainer(
         pipe,
         "shapes_geneval",
