@@ -1,7 +1,7 @@
 """Reward hacking on the shapes world: how far each leash lets a cheap, hackable reward term drift.
 
     OMP_NUM_THREADS=1 python benchmarks/reward_hacking.py [--max_steps 60] [--seeds 0 1] [--hack_weight 0.1]
-        [--feature saturation|brightness] [--arms flow_grpo kl_mean ...] [--beta 0.04] [--hybrid_steps 6]
+        [--feature saturation|brightness] [--arms flow_grpo kl_mean ...] [--beta 0.04] [--hybrid_steps 6 [3 ...]]
         [--images_per_prompt 4] [--num_captions N] [--output_dir benchmarks/results/reward_hacking]
     python benchmarks/reward_hacking.py --merge DIR [DIR ...] --output_dir benchmarks/results/reward_hacking
 
@@ -18,7 +18,8 @@ same number of optimizer steps and the same seed:
 - `pref_grpo`: Pref-GRPO, win rates of hard pairwise verdicts on the same total score
   (`ScalarPreference(geneval + w * feature, tie_margin=--pref_tie_margin)`) instead of reward advantages;
 - `hybrid`: evaluation only: the `flow_grpo` arm's model with hybrid inference (MixGRPO's), the trained transformer
-  for the first `--hybrid_steps` of the 10 ODE steps and the base model's for the rest.
+  for the first K of the 10 ODE steps and the base model's for the rest, one row ("hybrid, k K") per value K of
+  `--hybrid_steps`.
 
 Each arm is measured on the held-out captions (`toy.evaluation.evaluate_heldout`: compositions never seen in
 pretraining or RL, `--images_per_prompt` fixed seeds each, ODE, CFG 4.5): the task accuracy after training minus
@@ -201,10 +202,11 @@ def run(cli) -> dict:
             rows.append(row(arm, seed, before, before_feature, after, after_feature, seconds, steps))
             print(_line(rows[-1], cli.feature), flush=True)
             if arm == "flow_grpo" and "hybrid" in cli.arms:
-                hybrid = HybridPipeline(trainer.pipeline, base.transformer, cli.hybrid_steps)
-                after, after_feature = measure(hybrid, cli, captions)
-                rows.append(row("hybrid", seed, before, before_feature, after, after_feature, 0.0, steps))
-                print(_line(rows[-1], cli.feature), flush=True)
+                for k in cli.hybrid_steps:
+                    hybrid = HybridPipeline(trainer.pipeline, base.transformer, k)
+                    after, after_feature = measure(hybrid, cli, captions)
+                    rows.append(row(f"hybrid, k {k}", seed, before, before_feature, after, after_feature, 0.0, steps))
+                    print(_line(rows[-1], cli.feature), flush=True)
             del trainer
             write(results(), cli.output_dir, quiet=True)  # after every arm: a crash loses at most the running one
     return results()
@@ -297,7 +299,11 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient of the kl_mean and kl_velocity arms.")
     parser.add_argument("--pref_tie_margin", type=float, default=0.0, help="Pref-GRPO: score gaps up to this tie.")
     parser.add_argument(
-        "--hybrid_steps", type=int, default=6, help="Hybrid arm: trained steps of the 10 (MixGRPO 0.6)."
+        "--hybrid_steps",
+        type=int,
+        nargs="+",
+        default=[6],
+        help="Hybrid arm: trained steps of the 10 (MixGRPO: 0.6 of them); several values give a row each.",
     )
     parser.add_argument("--images_per_prompt", type=int, default=4, help="Held-out images per caption.")
     parser.add_argument("--num_captions", type=int, default=None, help="The first N held-out captions (default all).")
@@ -311,10 +317,9 @@ def main() -> None:
         os.makedirs(cli.output_dir, exist_ok=True)
         write(merge([json.load(open(os.path.join(d, "results.json"))) for d in cli.merge]), cli.output_dir)
         return
-    if not 0 <= cli.hybrid_steps <= 10:
-        raise SystemExit(
-            f"--hybrid_steps must be in [0, 10] (the held-out evaluation's ODE steps), got {cli.hybrid_steps}."
-        )
+    bad = [k for k in cli.hybrid_steps if not 0 <= k <= 10]
+    if bad:
+        raise SystemExit(f"--hybrid_steps must be in [0, 10] (the held-out evaluation's ODE steps), got {bad}.")
     os.makedirs(cli.output_dir, exist_ok=True)
     torch.set_num_threads(cli.threads)
     write(run(cli), cli.output_dir)
@@ -322,7 +327,7 @@ def main() -> None:
 
 def merge(parts: list[dict]) -> dict:
     """One results dictionary from several processes' (one per seed): their runs, the first one's settings."""
-    keys = ("feature", "hack_weight", "max_steps", "images_per_prompt", "hybrid_steps", "num_captions")
+    keys = ("feature", "hack_weight", "max_steps", "images_per_prompt", "num_captions")
     for part in parts[1:]:
         for key in keys:
             if part["settings"].get(key) != parts[0]["settings"].get(key):
@@ -332,13 +337,18 @@ def merge(parts: list[dict]) -> dict:
                 )
     merged = dict(parts[0])
     merged["settings"] = {**parts[0]["settings"], "seeds": [s for p in parts for s in p["settings"]["seeds"]]}
-    # The KL arms carry their beta in the label, so that runs with another --beta are rows of their own.
-    merged["runs"] = [
-        {**r, "arm": f"{r['arm']}, beta {p['settings']['beta']:g}"} if r["arm"].startswith("kl_") else r
-        for p in parts
-        for r in p["runs"]
-    ]
+    merged["runs"] = [{**r, "arm": _label(r["arm"], p["settings"])} for p in parts for r in p["runs"]]
     return merged
+
+
+def _label(arm: str, settings: dict) -> str:
+    """The KL arms carry their beta in the label, so that runs with another --beta are rows of their own; so does
+    the hybrid arm its K (runs written before several --hybrid_steps were allowed say only "hybrid")."""
+    if arm.startswith("kl_") and ", beta" not in arm:
+        return f"{arm}, beta {settings['beta']:g}"
+    if arm == "hybrid":
+        return f"hybrid, k {settings['hybrid_steps']}"
+    return arm
 
 
 def write(results: dict, output_dir: str, quiet: bool = False) -> None:
