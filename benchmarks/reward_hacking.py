@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/reward_hacking.py [--max_steps 60] [--seeds 0 1] [--hack_weight 0.1]
         [--feature saturation|brightness] [--arms flow_grpo kl_mean ...] [--beta 0.04] [--hybrid_steps 6 [3 ...]]
         [--images_per_prompt 4] [--num_captions N] [--output_dir benchmarks/results/reward_hacking]
-    python benchmarks/reward_hacking.py --merge DIR [DIR ...] --output_dir benchmarks/results/reward_hacking
+    python benchmarks/reward_hacking.py --merge DIR [DIR ...] [--arms ...] --output_dir DIR
 
 The reward is the task reward `shapes_geneval` plus `hack_weight` x a feature of the image the task does not ask for
 (`saturation`: mean HSV saturation; `brightness`: mean HSV value; both in [0, 1]), as a second reward function with
@@ -14,7 +14,8 @@ same number of optimizer steps and the same seed:
 - `flow_grpo`: plain Flow-GRPO (`beta=0`);
 - `kl_mean`: KL to the base model on the SDE steps' means (`beta`, `kl_type="mean"`);
 - `kl_velocity`: KL on the velocities (`beta`, `kl_type="velocity"`);
-- `grpo_guard`: GRPO-Guard's regulated clipping (`loss_type="grpo_guard"`);
+- `grpo_guard`: GRPO-Guard's regulated clipping (`loss_type="grpo_guard"`), with the Flow-GRPO SDE at noise 0.7
+  (its ratio normalisation is defined for that sampler only, not for the recipe's CPS);
 - `pref_grpo`: Pref-GRPO, win rates of hard pairwise verdicts on the same total score
   (`ScalarPreference(geneval + w * feature, tie_margin=--pref_tie_margin)`) instead of reward advantages;
 - `hybrid`: evaluation only: the `flow_grpo` arm's model with hybrid inference (MixGRPO's), the trained transformer
@@ -128,7 +129,7 @@ def train_arm(arm: str, seed: int, cli):
     elif arm in ("kl_mean", "kl_velocity"):
         config.update(beta=cli.beta, kl_type=arm.removeprefix("kl_"))
     elif arm == "grpo_guard":
-        config.update(loss_type="grpo_guard")
+        config.update(loss_type="grpo_guard", sde_type="sde", noise_level=0.7)
     elif arm == "pref_grpo":
 
         def total(prompts, images, **columns) -> list[float]:
@@ -315,7 +316,9 @@ def main() -> None:
     cli = parser.parse_args()
     if cli.merge:
         os.makedirs(cli.output_dir, exist_ok=True)
-        write(merge([json.load(open(os.path.join(d, "results.json"))) for d in cli.merge]), cli.output_dir)
+        merged = merge([json.load(open(os.path.join(d, "results.json"))) for d in cli.merge])
+        merged["runs"] = [r for r in merged["runs"] if r["arm"].split(",")[0] in cli.arms]  # --arms: a subset
+        write(merged, cli.output_dir)
         return
     bad = [k for k in cli.hybrid_steps if not 0 <= k <= 10]
     if bad:
@@ -337,7 +340,22 @@ def merge(parts: list[dict]) -> dict:
                 )
     merged = dict(parts[0])
     merged["settings"] = {**parts[0]["settings"], "seeds": [s for p in parts for s in p["settings"]["seeds"]]}
-    merged["runs"] = [{**r, "arm": _label(r["arm"], p["settings"])} for p in parts for r in p["runs"]]
+    merged["runs"], seen = [], {}
+    for part in parts:
+        for r in part["runs"]:
+            r = {**r, "arm": _label(r["arm"], part["settings"])}
+            key = (r["arm"], r["seed"])
+            if key in seen:  # e.g. flow_grpo retrained to evaluate more hybrid K: one row per arm and seed
+                same = (
+                    seen[key]["accuracy_after"] == r["accuracy_after"]
+                    and seen[key]["feature_after"] == r["feature_after"]
+                )
+                print(
+                    f"{key[0]} seed {key[1]} appears twice; kept the first ({'identical' if same else 'they differ'})"
+                )
+                continue
+            seen[key] = r
+            merged["runs"].append(r)
     return merged
 
 
