@@ -23,16 +23,15 @@ import time
 import torch
 
 
-def widths(result, ks: list[int]) -> list[dict]:
-    """Per K: the overall and per-category accuracy estimates on the first K seeds of every caption."""
+def widths(result, ks: list[int]) -> dict[int, dict]:
+    """Per K: the overall and per-category accuracy `Estimate`s on the first K seeds of every caption."""
     from trl_flow_grpo.toy.evaluation import HeldoutResult
 
-    rows = []
+    out = {}
     for k in ks:
         sub = HeldoutResult(result.prompts, result.categories, result.scores[:, :k], settings=result.settings)
-        keys = [key for key in sub.keys() if key.startswith("accuracy")]
-        rows.append({"images_per_prompt": k, **{key: sub.estimate(key).to_dict() for key in keys}})
-    return rows
+        out[k] = {key: sub.estimate(key) for key in sub.keys() if key.startswith("accuracy")}
+    return out
 
 
 def main() -> None:
@@ -53,28 +52,25 @@ def main() -> None:
         load_shapes_pipeline(), images_per_prompt=cli.images_per_prompt, keep_images=False, progress=True
     )
     seconds = time.perf_counter() - start
-    ks = sorted({2**i for i in range(cli.images_per_prompt.bit_length()) if 2**i <= cli.images_per_prompt})
-    ks = sorted(set(ks) | {cli.images_per_prompt})
-    rows = widths(result, ks)
+    ks = sorted({2**i for i in range(cli.images_per_prompt.bit_length())} | {cli.images_per_prompt})
+    per_k = widths(result, ks)
     n = len(result.prompts)
     print(
         f"base model, {n} held-out captions x {cli.images_per_prompt} images in {seconds:.0f} s "
         f"({cli.threads} threads)"
     )
     print("images per caption | overall accuracy, 95% interval | +-      | images")
-    for r in rows:
-        e = r["accuracy"]
-        half = (e["high"] - e["low"]) / 2
-        print(
-            f"{r['images_per_prompt']:>18} | {e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
-            f"{'':>11} | {half:.4f}  | {n * r['images_per_prompt']}"
-        )
-    last = rows[-1]
-    print(f"per category at {last['images_per_prompt']} images per caption:")
-    for key, e in last.items():
+    for k, estimates in per_k.items():
+        e = estimates["accuracy"]
+        print(f"{k:>18} | {e}{'':>11} | {e.half_width:.4f}  | {n * k}")
+    print(f"per category at {ks[-1]} images per caption:")
+    for key, e in per_k[ks[-1]].items():
         if key.startswith("accuracy/"):
-            half = (e["high"] - e["low"]) / 2
-            print(f"  {key:<24} {e['value']:.3f} +-{half:.3f} (n = {e['num_prompts']} captions)")
+            print(f"  {key:<24} {e.value:.3f} +-{e.half_width:.3f} (n = {e.num_prompts} captions)")
+    rows = [
+        {"images_per_prompt": k, **{key: e.to_dict() for key, e in estimates.items()}}
+        for k, estimates in per_k.items()
+    ]
     os.makedirs(cli.output_dir, exist_ok=True)
     with open(os.path.join(cli.output_dir, "results.json"), "w") as f:
         json.dump({"settings": vars(cli), "eval_seconds": seconds, "num_captions": n, "widths": rows}, f, indent=1)
