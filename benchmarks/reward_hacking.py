@@ -1,15 +1,19 @@
 """Reward hacking on the shapes world: how far each leash lets a cheap, hackable reward term drift.
 
     OMP_NUM_THREADS=1 python benchmarks/reward_hacking.py [--max_steps 60] [--seeds 0 1] [--hack_weight 0.1]
-        [--feature saturation|brightness] [--arms flow_grpo kl_mean ...] [--beta 0.04] [--hybrid_steps 6 [3 ...]]
-        [--images_per_prompt 4] [--num_captions N] [--output_dir benchmarks/results/reward_hacking]
+        [--feature saturation|brightness|sharpness] [--arms flow_grpo kl_mean ...] [--beta 0.04]
+        [--hybrid_steps 6 [3 ...]] [--images_per_prompt 4] [--num_captions N]
+        [--output_dir benchmarks/results/reward_hacking]
     python benchmarks/reward_hacking.py --merge DIR [DIR ...] [--arms ...] --output_dir DIR
 
 The reward is the task reward `shapes_geneval` plus `hack_weight` x a feature of the image the task does not ask for
-(`saturation`: mean HSV saturation; `brightness`: mean HSV value; both in [0, 1]), as a second reward function with
-`reward_weights=[1, hack_weight]`. Every arm starts from the shipped pretrained shapes model and trains with the shapes
-recipe (`toy.recipe.SHAPES_RECIPE`: full fine-tuning, 32 images per step, first 5 of 10 steps trained) for the
-same number of optimizer steps and the same seed:
+(`saturation`: mean HSV saturation; `brightness`: mean HSV value; `sharpness`: mean absolute Laplacian of the
+luminance, the high-frequency energy that over-sharpening and grid artefacts add; all in [0, 1]), as a second reward
+function with `reward_weights=[1, hack_weight]` (sharpness spreads far less than saturation over the base model's
+images, so it needs a larger weight for the same pull: the base line printed first gives the feature's spread). Every
+arm starts from the shipped pretrained shapes model and trains with the shapes recipe (`toy.recipe.SHAPES_RECIPE`:
+full fine-tuning, 32 images per step, first 5 of 10 steps trained) for the same number of optimizer steps and the
+same seed:
 
 - `flow_grpo`: plain Flow-GRPO (`beta=0`);
 - `kl_mean`: KL to the base model on the SDE steps' means (`beta`, `kl_type="mean"`);
@@ -45,11 +49,23 @@ import numpy as np
 import torch
 
 ARMS = ("flow_grpo", "kl_mean", "kl_velocity", "grpo_guard", "pref_grpo", "hybrid")
-FEATURES = ("saturation", "brightness")
+FEATURES = ("saturation", "brightness", "sharpness")
+
+
+def sharpness(image) -> float:
+    """Mean absolute 4-neighbour Laplacian of the luminance (in [0, 1], edges replicated), divided by 4: in [0, 1].
+    High-frequency energy: what over-sharpening and grid artefacts add, and what the last denoising steps decide."""
+    gray = np.pad(np.asarray(image.convert("L"), dtype=np.float64) / 255, 1, mode="edge")
+    centre = gray[1:-1, 1:-1]
+    laplacian = 4 * centre - gray[:-2, 1:-1] - gray[2:, 1:-1] - gray[1:-1, :-2] - gray[1:-1, 2:]
+    return float(np.abs(laplacian).mean() / 4)
 
 
 def feature_values(images: list, feature: str) -> np.ndarray:
-    """The hackable feature of each image, in [0, 1]: the mean HSV saturation (or value) over its pixels."""
+    """The hackable feature of each image, in [0, 1]: the mean HSV saturation (or value) over its pixels, or its
+    `sharpness`."""
+    if feature == "sharpness":
+        return np.array([sharpness(image) for image in images])
     channel = FEATURES.index(feature) + 1  # HSV: S = 1, V = 2
     return np.array(
         [np.asarray(image.convert("HSV"), dtype=np.float64)[..., channel].mean() / 255 for image in images]
@@ -181,8 +197,11 @@ def run(cli) -> dict:
     captions = None if cli.num_captions is None else list(all_captions("test"))[: cli.num_captions]
     base = load_shapes_pipeline()
     before, before_feature = measure(base, cli, captions)  # fixed seeds: the same for every arm and seed
+    spread = float(feature_values(before.images, cli.feature).std())  # what --hack_weight scales against
     print(
-        f"base model: held-out accuracy {before.estimate('accuracy')}, {cli.feature} {before_feature:.4f}", flush=True
+        f"base model: held-out accuracy {before.estimate('accuracy')}, {cli.feature} {before_feature:.4f} "
+        f"(std over images {spread:.4f})",
+        flush=True,
     )
     rows = []
 
@@ -191,7 +210,7 @@ def run(cli) -> dict:
             "settings": {k: v for k, v in vars(cli).items()},
             "threads": torch.get_num_threads(),
             "num_captions": len(before.prompts),
-            "base": {"accuracy": before.estimate("accuracy").value, "feature": before_feature},
+            "base": {"accuracy": before.estimate("accuracy").value, "feature": before_feature, "feature_std": spread},
             "runs": rows,
         }
 
