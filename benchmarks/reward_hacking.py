@@ -54,7 +54,7 @@ FEATURES = ("saturation", "brightness", "sharpness")
 
 def sharpness(image) -> float:
     """Mean absolute 4-neighbour Laplacian of the luminance (in [0, 1], edges replicated), divided by 4: in [0, 1].
-    High-frequency energy: what over-sharpening and grid artefacts add, and what the last denoising steps decide."""
+    High-frequency energy: what over-sharpening and grid artefacts add."""
     gray = np.pad(np.asarray(image.convert("L"), dtype=np.float64) / 255, 1, mode="edge")
     centre = gray[1:-1, 1:-1]
     laplacian = 4 * centre - gray[:-2, 1:-1] - gray[2:, 1:-1] - gray[1:-1, :-2] - gray[1:-1, 2:]
@@ -109,11 +109,11 @@ class HybridPipeline:
 
 
 def measure(pipe, cli, captions: list[str] | None) -> tuple:
-    """Held-out task accuracy (a `HeldoutResult`) and the feature's mean over the same images."""
+    """Held-out task accuracy (a `HeldoutResult`) and the feature's value on each of the same images."""
     from trl_flow_grpo.toy.evaluation import evaluate_heldout
 
     result = evaluate_heldout(pipe, images_per_prompt=cli.images_per_prompt, prompts=captions, keep_images=True)
-    return result, float(feature_values(result.images, cli.feature).mean())
+    return result, feature_values(result.images, cli.feature)
 
 
 def train_arm(arm: str, seed: int, cli):
@@ -196,8 +196,9 @@ def run(cli) -> dict:
         raise SystemExit("--arms hybrid evaluates the flow_grpo arm's model: add flow_grpo to --arms.")
     captions = None if cli.num_captions is None else list(all_captions("test"))[: cli.num_captions]
     base = load_shapes_pipeline()
-    before, before_feature = measure(base, cli, captions)  # fixed seeds: the same for every arm and seed
-    spread = float(feature_values(before.images, cli.feature).std())  # what --hack_weight scales against
+    before, before_values = measure(base, cli, captions)  # fixed seeds: the same for every arm and seed
+    before_feature = float(before_values.mean())
+    spread = float(before_values.std())  # what --hack_weight scales against
     print(
         f"base model: held-out accuracy {before.estimate('accuracy')}, {cli.feature} {before_feature:.4f} "
         f"(std over images {spread:.4f})",
@@ -218,13 +219,14 @@ def run(cli) -> dict:
         for arm in (a for a in cli.arms if a != "hybrid"):
             trainer, seconds = train_arm(arm, seed, cli)
             steps = trainer.state.global_step
-            after, after_feature = measure(trainer.pipeline, cli, captions)
-            rows.append(row(arm, seed, before, before_feature, after, after_feature, seconds, steps))
+            after, after_values = measure(trainer.pipeline, cli, captions)
+            rows.append(row(arm, seed, before, before_feature, after, float(after_values.mean()), seconds, steps))
             print(_line(rows[-1], cli.feature), flush=True)
             if arm == "flow_grpo" and "hybrid" in cli.arms:
                 for k in cli.hybrid_steps:
                     hybrid = HybridPipeline(trainer.pipeline, base.transformer, k)
-                    after, after_feature = measure(hybrid, cli, captions)
+                    after, after_values = measure(hybrid, cli, captions)
+                    after_feature = float(after_values.mean())
                     rows.append(row(f"hybrid, k {k}", seed, before, before_feature, after, after_feature, 0.0, steps))
                     print(_line(rows[-1], cli.feature), flush=True)
             del trainer
