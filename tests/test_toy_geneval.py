@@ -25,6 +25,7 @@ from trl_flow_grpo.toy import (
     shapes_geneval,
     sprite_widths,
 )
+from trl_flow_grpo.toy.geneval import requested_objects, shapes_geneval_no_extras
 
 
 def _image(*objects: tuple[str, str, float, float, float]) -> Image.Image:
@@ -301,6 +302,21 @@ def test_shapes_geneval_reward_function():
     assert rewards == [1.0, 0.5, 0.0] and all(isinstance(r, float) for r in rewards)
     with pytest.raises(ValueError, match="prompts"):
         shapes_geneval(prompts=prompts, images=images[:2])
+
+
+def test_no_extras_reward_scales_the_score_by_the_share_of_asked_objects():
+    prompt = "a red circle and a blue square"
+    pair = [("red", "circle", 8, 8, 4), ("blue", "square", 24, 8, 4)]
+    spray = pair + [("green", "triangle", 8, 24, 4), ("yellow", "circle", 24, 24, 4)]
+    images = [_image(*pair), _image(*spray), _image(pair[0])]
+    assert shapes_geneval(prompts=[prompt] * 3, images=images) == [1.0, 1.0, 0.5]  # the hole: extras pass
+    assert shapes_geneval_no_extras(prompts=[prompt] * 3, images=images) == [1.0, 0.5, 0.5]  # 2 asked of 4 seen
+    three = [("red", "circle", x, 16, 3) for x in (5, 16, 27)]
+    counting = [_image(*three), _image(*three, ("red", "circle", 16, 27, 3))]
+    assert shapes_geneval_no_extras(prompts=["three red circles"] * 2, images=counting) == [1.0, 2 / 3 * 3 / 4]
+    assert [requested_objects(p) for p in ("a red circle", prompt, "four blue squares")] == [1, 2, 4]
+    with pytest.raises(ValueError, match="prompts"):
+        shapes_geneval_no_extras(prompts=[prompt], images=images)
 
 
 def test_evaluate():

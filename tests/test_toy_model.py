@@ -42,3 +42,18 @@ def test_pretraining_script_writes_a_loadable_pipeline(tmp_path):
     assert (out / "pretrain_log.jsonl").is_file()
     image = pipe("two blue squares", num_inference_steps=2, **SHAPES_SAMPLING).images[0]
     assert image.size == (32, 32)
+
+
+def test_pretraining_continues_a_pretrained_pipeline_keeping_its_vae(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    small = ["--num_images", "64", "--batch_size", "8", "--vae_batch_size", "8"]
+    pretrain_main(["--output_dir", str(first), "--vae_steps", "2", "--transformer_steps", "2"] + small)
+    pretrain_main(
+        ["--output_dir", str(second), "--init_from", str(first), "--transformer_steps", "3", "--final_lr", "0"] + small
+    )
+    a, b = StableDiffusion3Pipeline.from_pretrained(first), StableDiffusion3Pipeline.from_pretrained(second)
+    assert a.vae.config.scaling_factor == b.vae.config.scaling_factor
+    assert all(torch.equal(p, q) for p, q in zip(a.vae.state_dict().values(), b.vae.state_dict().values()))
+    assert not torch.equal(a.transformer.proj_out.weight, b.transformer.proj_out.weight)  # stage 2 went on
+    log = [line for line in (second / "pretrain_log.jsonl").read_text().splitlines() if '"init"' in line]
+    assert log and str(first) in log[0]

@@ -408,6 +408,34 @@ def shapes_geneval(prompts: Sequence[str], images: Sequence[Image.Image | np.nda
     return [score_image(prompt, image)[0] for prompt, image in zip(prompts, images)]
 
 
+def requested_objects(prompt: str) -> int:
+    """How many objects `prompt` asks for (1 or 2, or the count of a counting caption)."""
+    return sum(requirement.count for requirement in parse_prompt(prompt).requirements)
+
+
+def shapes_geneval_no_extras(
+    prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray], **kwargs: Any
+) -> list[float]:
+    """`shapes_geneval` with the extra-object hole closed: an image with more detected objects than its prompt asks
+    for gets its score times ``asked / detected`` (a spray of 6 shapes for "a red circle and a blue square" keeps a
+    third of its credit). GenEval's rules, and `shapes_geneval`, let extra objects pass outside counting; a policy
+    trained on them learns to draw many objects (docs/toy_world.md, "Why images fail").
+
+    Args:
+        prompts: Prompts of the shapes grammar.
+        images: PIL images or uint8 numpy arrays, one per prompt.
+        **kwargs: Other dataset columns and `trainer_state`; ignored.
+    """
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(prompts)} prompts and {len(images)} images")
+    scores = []
+    for prompt, image in zip(prompts, images):
+        score, details = score_image(prompt, image)
+        detected, asked = len(details["detections"]), requested_objects(prompt)
+        scores.append(score * asked / detected if detected > asked else score)
+    return scores
+
+
 def evaluate(prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> dict[str, float]:
     """GenEval-style summary of a set of generations.
 

@@ -1,12 +1,17 @@
 """Pretrain the tiny "shapes" text-to-image model that ships with the package (an SD3-family pipeline).
 
     python -m trl_flow_grpo.toy.pretrain --output_dir trl_flow_grpo/toy/weights/shapes-sd3 [--minutes 25]
+    python -m trl_flow_grpo.toy.pretrain --init_from trl_flow_grpo/toy/weights/shapes-sd3 --transformer_steps 2000 \
+        --lr 5e-4 --final_lr 0 --output_dir /tmp/shapes-sd3-longer   # continue stage 2 of a pretrained model
 
 Two stages, both deterministic from `--seed` (up to floating-point non-determinism of the CPU kernels):
 1. a small `AutoencoderKL` (32x32 RGB <-> 16x16x4 latents) trained to reconstruct shape images;
 2. a small `SD3Transformer2DModel` trained by rectified flow matching on the latents, conditioned on frozen, randomly
    initialised CLIP-L/CLIP-G/T5 stand-ins (tokenizers built in code), with 10% empty captions for classifier-free
    guidance. Caption embeddings are precomputed once: the world has under a thousand captions.
+`--init_from` continues a pretrained shapes pipeline instead: its VAE and text encoders are kept (stage 1 is skipped)
+and its transformer trains on for `--transformer_steps` more steps. `--final_lr` decays the learning rate to it on
+a cosine after the warm-up (default: constant, as the shipped weights were trained).
 The result is a regular diffusers folder: `StableDiffusion3Pipeline.from_pretrained(output_dir)` loads it.
 """
 
@@ -166,8 +171,12 @@ def train_transformer(
     log,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 1000,
+    final_lr: float | None = None,
 ) -> int:
-    """Rectified flow matching: x_t = (1 - t) x0 + t eps, target v = eps - x0, t ~ logit-normal (as SD3)."""
+    """Rectified flow matching: x_t = (1 - t) x0 + t eps, target v = eps - x0, t ~ logit-normal (as SD3).
+
+    The learning rate warms up over 200 steps, then stays at `lr`, or with `final_lr` follows a cosine from `lr`
+    down to `final_lr` at `max_steps`."""
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(1)
     empty = len(table["embeds"]) - 1
@@ -183,8 +192,11 @@ def train_transformer(
         noise = torch.randn(x0.shape, generator=generator)
         x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         warmup = min(1.0, (step + 1) / 200)
+        current = lr
+        if final_lr is not None:
+            current = final_lr + (lr - final_lr) * 0.5 * (1 + math.cos(math.pi * step / max_steps))
         for group in optimizer.param_groups:
-            group["lr"] = lr * warmup
+            group["lr"] = current * warmup
         pred = transformer(
             hidden_states=x_t,
             timestep=t * 1000,
@@ -223,6 +235,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None, help="Optional wall-clock cap of stage 2.")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--final_lr", type=float, default=None, help="Cosine decay of stage 2's lr to this value.")
+    parser.add_argument(
+        "--init_from", default=None, help="A pretrained shapes pipeline: keep its VAE, continue its transformer."
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -237,16 +253,24 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.time()
-    pipe = build_untrained_pipeline(args.seed)
+    if args.init_from:
+        pipe = StableDiffusion3Pipeline.from_pretrained(args.init_from)
+        log({"stage": "init", "from": args.init_from})
+    else:
+        pipe = build_untrained_pipeline(args.seed)
     pil_images, captions = make_image_dataset(args.num_images, seed=args.seed, split="train", size=IMAGE_SIZE)
     images = _to_tensor(pil_images)
     log({"stage": "data", "images": len(images), "seconds": round(time.time() - start, 1)})
 
-    train_vae(pipe.vae, images, args.vae_steps, args.vae_batch_size, 2e-3, log)
-    latents = encode_latents(pipe.vae, images)
-    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    latents = (latents - shift) * scale
+    if args.init_from:  # the VAE and its latent normalisation stay
+        shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+        latents = (encode_latents(pipe.vae, images) - shift) * scale
+    else:
+        train_vae(pipe.vae, images, args.vae_steps, args.vae_batch_size, 2e-3, log)
+        latents = encode_latents(pipe.vae, images)
+        shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        latents = (latents - shift) * scale
     log({"stage": "latents", "shift_factor": shift, "scaling_factor": scale, "seconds": round(time.time() - start)})
 
     vocabulary = all_captions()
@@ -265,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         args.lr,
         log,
         checkpoint_dir=args.checkpoint_dir,
+        final_lr=args.final_lr,
     )
     log({"stage": "done", "transformer_steps": steps, "minutes": round((time.time() - start) / 60, 1)})
     pipe.save_pretrained(args.output_dir)
