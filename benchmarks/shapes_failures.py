@@ -31,22 +31,20 @@ import os
 import random
 
 from trl_flow_grpo.toy.geneval import (
+    _REFERENCE_SIZE,
     MIN_AXIS_FRACTION,
     MIN_OFFSET,
-    detect_objects,
     parse_prompt,
     requested_objects,
     score_image,
 )
 from trl_flow_grpo.toy.shapes import CATEGORIES, all_captions, relation_holds
 
-OPPOSITE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
-
 
 def verdict(prompt: str, image) -> tuple[str, int]:
     """The reason `image` fails `prompt` ("correct" if it does not), and how many objects were detected."""
     _, details = score_image(prompt, image)
-    detections = detect_objects(image)
+    detections = details["detections"]  # score_image's own detections: colour, shape, centroid of each
     if details["correct"]:
         return "correct", len(detections)
     parsed = parse_prompt(prompt)
@@ -55,11 +53,11 @@ def verdict(prompt: str, image) -> tuple[str, int]:
         want = parsed.requirements[0]
         if not detections:
             return "nothing detected", 0
-        if any(d.color == want.color and d.shape == want.shape for d in detections):  # cannot fail then
+        if any(d["color"] == want.color and d["shape"] == want.shape for d in detections):  # cannot fail then
             raise AssertionError(f"{prompt!r}: a matching detection but not correct")
-        if any(d.shape == want.shape for d in detections):
+        if any(d["shape"] == want.shape for d in detections):
             return "wrong colour", len(detections)
-        if any(d.color == want.color for d in detections):
+        if any(d["color"] == want.color for d in detections):
             return "wrong shape", len(detections)
         return "wrong colour and shape", len(detections)
     if category == "counting":
@@ -70,25 +68,25 @@ def verdict(prompt: str, image) -> tuple[str, int]:
     credits = details["object_credits"]
     if min(credits) == 1.0:  # both objects drawn right: the relation fails
         a, b = parsed.requirements
-        size = min(image.size)
-        offset = MIN_OFFSET * size / 32  # MIN_OFFSET is in pixels at 32x32, as score_image scales it
+        offset = MIN_OFFSET * min(image.size) / _REFERENCE_SIZE  # scaled as score_image scales it
         pairs = [
             (da, db)
             for da in detections
             for db in detections
             if da is not db
-            and (da.color, da.shape) == (a.color, a.shape)
-            and (db.color, db.shape) == (b.color, b.shape)
+            and (da["color"], da["shape"]) == (a.color, a.shape)
+            and (db["color"], db["shape"]) == (b.color, b.shape)
         ]
-        opposite = OPPOSITE[parsed.relation]
+        # "B <relation> A" holds: the two objects drawn the other way round ("B above A" for "A above B")
         reversed_ = any(
-            relation_holds(opposite, da.centroid, db.centroid, offset, MIN_AXIS_FRACTION) for da, db in pairs
+            relation_holds(parsed.relation, db["centroid"], da["centroid"], offset, MIN_AXIS_FRACTION)
+            for da, db in pairs
         )
         return ("relation reversed" if reversed_ else "relation unclear"), len(detections)
     worst = parsed.requirements[credits.index(min(credits))]
     if min(credits) == 0.0:
         return "an object missing", len(detections)
-    if any(d.shape == worst.shape for d in detections):
+    if any(d["shape"] == worst.shape for d in detections):
         return "an object's colour wrong", len(detections)
     return "an object's shape wrong", len(detections)
 
