@@ -5,8 +5,8 @@ failures to look at (issue 12: "look at the images of failures and at the reward
         [--sheet_size 60] [--split test|train] [--output_dir benchmarks/results/shapes_failures/base]
 
 Renders every held-out caption (or, with `--split train`, every 4th training caption) with the held-out evaluation's
-sampling and seeds (`toy.evaluation.evaluate_heldout`: 10 ODE steps, CFG 4.5), scores each image with
-`toy.geneval.score_image` and gives each failure one reason:
+sampling and seeds (`toy.evaluation.evaluate_heldout`: 10 ODE steps, CFG 4.5 or `--guidance_scale`), scores each
+image with `toy.geneval.score_image` and gives each failure one reason:
 
 - single object: nothing detected / wrong colour / wrong shape / wrong colour and shape;
 - counting: too few / too many objects of the requested colour and shape;
@@ -121,6 +121,12 @@ def main() -> None:
         help="test: the held-out captions; train: every 4th training caption (seen in pretraining and RL), to tell "
         "what the model cannot draw from what it cannot generalise to.",
     )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=4.5,
+        help="CFG scale of the renders (4.5: the held-out evaluation's; 1.0: no CFG, as the recipe's rollouts).",
+    )
     parser.add_argument("--output_dir", default="benchmarks/results/shapes_failures/base")
     cli = parser.parse_args()
     from trl_flow_grpo.toy.evaluation import evaluate_heldout
@@ -133,7 +139,12 @@ def main() -> None:
         pipe.transformer = SD3Transformer2DModel.from_pretrained(cli.transformer)
     captions = None if cli.split == "test" else list(all_captions("train"))[::4]
     result = evaluate_heldout(
-        pipe, images_per_prompt=cli.images_per_prompt, prompts=captions, keep_images=True, progress=True
+        pipe,
+        images_per_prompt=cli.images_per_prompt,
+        guidance_scale=cli.guidance_scale,
+        prompts=captions,
+        keep_images=True,
+        progress=True,
     )
     k = cli.images_per_prompt
     prompts = [p for p in result.prompts for _ in range(k)]
@@ -154,7 +165,8 @@ def main() -> None:
     name = cli.transformer or "base model"
     lines = [
         f"{'Held-out' if cli.split == 'test' else 'Training-split'} images of {name} ({len(result.prompts)} captions "
-        f"x {k}, the held-out evaluation's seeds) by the reward's verdict: images (share of the category's images).",
+        f"x {k}, the held-out evaluation's seeds, CFG {cli.guidance_scale:g}) by the reward's verdict: images (share "
+        "of the category's images).",
         "",
         "| category | images | correct | reason of failure: images | more objects than asked | correct, nothing extra "
         "|",
@@ -193,6 +205,7 @@ def main() -> None:
                 "split": cli.split,
                 "captions": len(result.prompts),
                 "images_per_prompt": k,
+                "guidance_scale": cli.guidance_scale,
                 "totals": totals,
                 "reasons": reasons,
                 "more_objects_than_asked": extra,

@@ -2,10 +2,12 @@
 
     python benchmarks/shapes_learning.py [--max_steps 150] [--minutes 10] [--seeds 0 1] [--set key=value ...]
         [--eval_every 25] [--curve_images_per_prompt 2] [--final_images_per_prompt 16] [--output_dir DIR]
-        [--reward shapes_geneval|shapes_geneval_no_extras] [--base_transformer DIR] [--save_model_dir DIR]
+        [--reward shapes_geneval|shapes_geneval_no_extras|shapes_geneval_strict] [--base_transformer DIR]
+        [--save_model_dir DIR]
 
 Starts from the shipped pretrained shapes model (or `--base_transformer`), trains on training-split prompts with the
-rule-based `shapes_geneval` reward (`--reward shapes_geneval_no_extras`: extra objects scale the score down) until
+rule-based `shapes_geneval` reward (`--reward shapes_geneval_no_extras`: extra objects scale the score down;
+`shapes_geneval_strict`: an image with extra objects scores 0) until
 `--max_steps` optimizer steps or `--minutes` of training (whichever comes first), and evaluates on every held-out
 caption (compositions never seen in pretraining or RL) with 10-step ODE sampling, CFG 4.5 and fixed seeds: a cheap
 evaluation every `--eval_every` steps for the curve (its time is not counted as training time) and a large one before
@@ -32,12 +34,16 @@ from transformers import TrainerCallback
 from trl_flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
 from trl_flow_grpo.toy import make_prompt_dataset
 from trl_flow_grpo.toy.evaluation import evaluate_heldout, format_comparison
-from trl_flow_grpo.toy.geneval import shapes_geneval, shapes_geneval_no_extras
+from trl_flow_grpo.toy.geneval import shapes_geneval, shapes_geneval_no_extras, shapes_geneval_strict
 from trl_flow_grpo.toy.model import load_shapes_pipeline
 from trl_flow_grpo.toy.recipe import SHAPES_RECIPE, parse_override
 from trl_flow_grpo.toy.shapes import MIXES
 
-REWARDS = {"shapes_geneval": shapes_geneval, "shapes_geneval_no_extras": shapes_geneval_no_extras}
+REWARDS = {
+    "shapes_geneval": shapes_geneval,
+    "shapes_geneval_no_extras": shapes_geneval_no_extras,
+    "shapes_geneval_strict": shapes_geneval_strict,
+}
 
 
 class HeldoutCurve(TrainerCallback):
@@ -59,12 +65,12 @@ class HeldoutCurve(TrainerCallback):
             "accuracy_low": acc.low,
             "accuracy_high": acc.high,
             "score": score.value,
-            **{k: v for k, v in result.summary().items() if k.startswith("accuracy/")},
+            **{k: v for k, v in result.summary().items() if k.startswith(("accuracy/", "strict_accuracy", "extra_"))},
         }
         self.curve.append(point)
         print(
-            f"  step {step:>4} | {self.train_seconds / 60:5.1f} min | held-out accuracy {acc} | score "
-            f"{score.value:.3f}",
+            f"  step {step:>4} | {self.train_seconds / 60:5.1f} min | held-out accuracy {acc} | strict "
+            f"{point['strict_accuracy']:.3f} | extra objects {point['extra_objects']:.3f} | score {score.value:.3f}",
             flush=True,
         )
 
@@ -245,8 +251,8 @@ def main() -> None:
         "--reward",
         default="shapes_geneval",
         choices=sorted(REWARDS),
-        help="Training reward: shapes_geneval, or shapes_geneval_no_extras (extra objects scale the score down). The "
-        "held-out evaluation is the same for both.",
+        help="Training reward: shapes_geneval, shapes_geneval_no_extras (extra objects scale the score down) or "
+        "shapes_geneval_strict (an image with extra objects scores 0). The held-out evaluation is the same for all.",
     )
     parser.add_argument(
         "--base_transformer",

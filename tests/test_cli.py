@@ -30,6 +30,7 @@ def test_train_without_a_model_runs_the_shapes_demo(tmp_path, capsys):
     assert "step    1/1 | reward" in out
     assert "One optimizer step: 2 images (1 prompt x 2), 1 SDE step each." in out  # no "1 prompts"
     assert "accuracy/position" in out  # the held-out table, before and after, with intervals
+    assert "strict_accuracy" in out and "extra_objects" in out  # and how much of it is extra objects
     assert "95% intervals: bootstrap over captions" in out and "1 image per caption" in out
     assert (tmp_path / "transformer" / "config.json").is_file()  # the demo fine-tunes the whole transformer
     assert list((tmp_path / "samples").glob("train_step*.png"))

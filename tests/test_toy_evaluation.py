@@ -7,6 +7,7 @@ import pytest
 
 from trl_flow_grpo.toy import all_captions
 from trl_flow_grpo.toy.evaluation import HeldoutResult, evaluate_heldout, format_comparison, format_result
+from trl_flow_grpo.toy.geneval import requested_objects, score_image
 from trl_flow_grpo.toy.model import load_shapes_pipeline
 
 
@@ -40,6 +41,24 @@ def test_change_is_paired_and_refuses_different_evaluations():
         after.change(HeldoutResult(["a red circle"], ["single_object"], [[1.0, 1.0]]), "accuracy")
 
 
+def test_strict_accuracy_counts_a_correct_image_with_extra_objects_as_wrong():
+    scores = [[1, 1], [0.5, 1], [0, 0], [1, 0.5]]
+    extras = [[1, 0], [1, 0], [0, 1], [1, 1]]  # the first image of "a red circle" is correct but shows more
+    plain = _result(scores)
+    result = HeldoutResult(plain.prompts, plain.categories, plain.scores, extras=np.asarray(extras, dtype=float))
+    assert result.estimate("accuracy").value == pytest.approx(4 / 8)
+    assert result.estimate("strict_accuracy").value == pytest.approx(2 / 8)  # only two correct images are clean
+    assert result.estimate("strict_accuracy/position").value == 0.0
+    assert result.estimate("extra_objects").value == pytest.approx(5 / 8)
+    assert "strict_accuracy/counting" in result.keys() and "extra_objects/single_object" in result.keys()
+    assert result.to_dict()["extras"] == extras
+    assert "strict_accuracy" not in _result(scores).keys()  # not recorded: not reported as 0
+    with pytest.raises(KeyError, match="strict_accuracy"):
+        _result(scores).estimate("strict_accuracy")
+    with pytest.raises(ValueError, match="extras has shape"):
+        HeldoutResult(["a red circle"], ["single_object"], [[1.0, 1.0]], extras=[[0.0]])
+
+
 def test_result_checks_its_shape():
     with pytest.raises(ValueError, match="one row of scores"):
         HeldoutResult(["a red circle"], ["single_object"], [[1.0], [0.0]])
@@ -53,6 +72,9 @@ def test_evaluate_heldout_on_the_shipped_model_is_reproducible_and_covers_every_
     assert np.array_equal(first.scores, again.scores)
     assert [np.asarray(a).tolist() for a in first.images] == [np.asarray(b).tolist() for b in again.images]
     assert first.scores.shape == (6, 1) and first.settings["num_inference_steps"] == 2
+    assert first.extras.shape == (6, 1) and np.array_equal(first.extras, again.extras)
+    for prompt, image, extra in zip(captions[:6], first.images, first.extras[:, 0]):  # the reward's own detections
+        assert extra == (len(score_image(prompt, image)[1]["detections"]) > requested_objects(prompt))
     assert "accuracy" in format_result(first)
     with pytest.raises(ValueError, match="images_per_prompt"):
         evaluate_heldout(pipe, images_per_prompt=0)

@@ -25,7 +25,7 @@ from trl_flow_grpo.toy import (
     shapes_geneval,
     sprite_widths,
 )
-from trl_flow_grpo.toy.geneval import requested_objects, shapes_geneval_no_extras
+from trl_flow_grpo.toy.geneval import requested_objects, shapes_geneval_no_extras, shapes_geneval_strict
 
 
 def _image(*objects: tuple[str, str, float, float, float]) -> Image.Image:
@@ -317,6 +317,10 @@ def test_no_extras_reward_scales_the_score_by_the_share_of_asked_objects():
     assert [requested_objects(p) for p in ("a red circle", prompt, "four blue squares")] == [1, 2, 4]
     with pytest.raises(ValueError, match="prompts"):
         shapes_geneval_no_extras(prompts=[prompt], images=images)
+    assert shapes_geneval_strict(prompts=[prompt] * 3, images=images) == [1.0, 0.0, 0.5]  # extras: no credit
+    assert shapes_geneval_strict(prompts=["three red circles"] * 2, images=counting) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="prompts"):
+        shapes_geneval_strict(prompts=[prompt], images=images)
 
 
 def test_evaluate():

@@ -2,7 +2,9 @@
 
 `evaluate_heldout(pipe)` renders every held-out caption (compositions never seen in pretraining or RL) `K` times
 with fixed seeds, scores each image with the GenEval-like rules and returns a `HeldoutResult`: per-image scores,
-intervals for the overall and per-category accuracy and score (a bootstrap over captions within categories, see
+intervals for the overall and per-category accuracy, strict accuracy (correct with no object beyond those asked for:
+the GenEval-like rules, like GenEval's, let extra objects pass outside counting, and a policy can learn to spray
+them), share of images with extra objects and score (a bootstrap over captions within categories, see
 `trl_flow_grpo.eval_stats`), and a before/after table whose change column has a paired interval.
 
 With the shipped base model, 141 captions and 10 ODE steps: `K = 2` gives an interval of about +-0.05 on overall
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..eval_stats import Estimate, cluster_bootstrap, paired_cluster_bootstrap
-from .geneval import score_image
+from .geneval import requested_objects, score_image
 from .shapes import CATEGORIES, all_captions, caption_category
 
 __all__ = ["HeldoutResult", "evaluate_heldout", "format_comparison", "format_result"]
@@ -32,6 +34,8 @@ class HeldoutResult:
         scores: `(len(prompts), images_per_prompt)` partial credit of each image (1.0 = correct).
         images: The images, caption-major (`images[i * K + k]` is seed `k` of caption `i`); empty if not kept.
         settings: How the images were made (steps, guidance, seed, images per prompt).
+        extras: `scores`-shaped, 1.0 where an image shows more objects than its caption asks for (`None`: not
+            known, and the `strict_accuracy` and `extra_objects` keys are absent).
     """
 
     prompts: list[str]
@@ -39,6 +43,7 @@ class HeldoutResult:
     scores: np.ndarray
     images: list = field(default_factory=list, repr=False)
     settings: dict = field(default_factory=dict)
+    extras: np.ndarray | None = None
 
     def __post_init__(self):
         self.scores = np.asarray(self.scores, dtype=np.float64)
@@ -47,21 +52,44 @@ class HeldoutResult:
                 f"{len(self.prompts)} prompts, {len(self.categories)} categories and scores of shape "
                 f"{self.scores.shape}: give one row of scores and one category per prompt."
             )
+        if self.extras is not None:
+            self.extras = np.asarray(self.extras, dtype=np.float64)
+            if self.extras.shape != self.scores.shape:
+                raise ValueError(f"extras has shape {self.extras.shape}; give one per image: {self.scores.shape}.")
 
     @property
     def correct(self) -> np.ndarray:
         """1.0 where an image is correct (score 1), else 0.0."""
         return (self.scores == 1.0).astype(np.float64)
 
+    @property
+    def strict_correct(self) -> np.ndarray:
+        """1.0 where an image is correct and shows no object beyond those its caption asks for."""
+        if self.extras is None:
+            raise KeyError("this evaluation did not record extra objects (extras=None): no strict accuracy.")
+        return self.correct * (1.0 - self.extras)
+
+    def _metrics(self) -> tuple[str, ...]:
+        extra = ("strict_accuracy", "extra_objects") if self.extras is not None else ()
+        return ("accuracy", *extra, "score")
+
     def _rows(self, metric: str, category: str | None) -> tuple[np.ndarray, list[str]]:
-        values = self.correct if metric == "accuracy" else self.scores
+        if metric not in self._metrics():
+            raise KeyError(f"no metric {metric!r} in this evaluation; metrics: {list(self._metrics())}")
+        values = {
+            "accuracy": lambda: self.correct,
+            "strict_accuracy": lambda: self.strict_correct,
+            "extra_objects": lambda: self.extras,
+            "score": lambda: self.scores,
+        }[metric]()
         keep = [i for i, c in enumerate(self.categories) if category is None or c == category]
         return values[keep], [self.categories[i] for i in keep]
 
     def keys(self) -> list[str]:
-        """`accuracy`, `accuracy/<category>` for each category present, then `score` and `score/<category>`."""
+        """`accuracy` and `accuracy/<category>` for each category present, then the same for `strict_accuracy` and
+        `extra_objects` (when `extras` is known) and `score`."""
         present = [c for c in CATEGORIES if c in self.categories]
-        return [f"{m}{suffix}" for m in ("accuracy", "score") for suffix in ["", *[f"/{c}" for c in present]]]
+        return [f"{m}{suffix}" for m in self._metrics() for suffix in ["", *[f"/{c}" for c in present]]]
 
     def estimate(self, key: str, **bootstrap_kwargs) -> Estimate:
         """The estimate of `key` (see `keys`) with its interval."""
@@ -100,6 +128,7 @@ class HeldoutResult:
             "prompts": self.prompts,
             "categories": self.categories,
             "scores": self.scores.tolist(),
+            "extras": None if self.extras is None else self.extras.tolist(),
         }
 
 
@@ -149,14 +178,20 @@ def evaluate_heldout(
         batch_size=batch_size,
         progress=progress,
     )
-    scores = np.array([score_image(p, im)[0] for p, im in zip(repeated, images)]).reshape(len(captions), -1)
+    scores, extras = [], []
+    for prompt, image in zip(repeated, images):
+        score, details = score_image(prompt, image)
+        scores.append(score)
+        extras.append(len(details["detections"]) > requested_objects(prompt))
+    scores = np.array(scores).reshape(len(captions), -1)
+    extras = np.array(extras, dtype=np.float64).reshape(len(captions), -1)
     settings = {
         "images_per_prompt": images_per_prompt,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "seed": seed,
     }
-    return HeldoutResult(captions, categories, scores, images if keep_images else [], settings)
+    return HeldoutResult(captions, categories, scores, images if keep_images else [], settings, extras)
 
 
 def format_result(result: HeldoutResult, title: str = "held-out") -> str:

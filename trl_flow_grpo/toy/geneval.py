@@ -413,10 +413,20 @@ def requested_objects(prompt: str) -> int:
     return sum(requirement.count for requirement in parse_prompt(prompt).requirements)
 
 
+def _scores_with_counts(prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]):
+    """`(score, detected, asked)` of each image: `score_image`'s score, its number of detections, and how many
+    objects its prompt asks for."""
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(prompts)} prompts and {len(images)} images")
+    for prompt, image in zip(prompts, images):
+        score, details = score_image(prompt, image)
+        yield score, len(details["detections"]), requested_objects(prompt)
+
+
 def shapes_geneval_no_extras(
     prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray], **kwargs: Any
 ) -> list[float]:
-    """`shapes_geneval` with the extra-object hole closed: an image with more detected objects than its prompt asks
+    """`shapes_geneval` with the extra-object hole narrowed: an image with more detected objects than its prompt asks
     for gets its score times ``asked / detected`` (a spray of 6 shapes for "a red circle and a blue square" keeps a
     third of its credit). GenEval's rules, and `shapes_geneval`, let extra objects pass outside counting; a policy
     trained on them learns to draw many objects (docs/toy_world.md, "Why images fail").
@@ -426,14 +436,25 @@ def shapes_geneval_no_extras(
         images: PIL images or uint8 numpy arrays, one per prompt.
         **kwargs: Other dataset columns and `trainer_state`; ignored.
     """
-    if len(prompts) != len(images):
-        raise ValueError(f"got {len(prompts)} prompts and {len(images)} images")
-    scores = []
-    for prompt, image in zip(prompts, images):
-        score, details = score_image(prompt, image)
-        detected, asked = len(details["detections"]), requested_objects(prompt)
-        scores.append(score * asked / detected if detected > asked else score)
-    return scores
+    return [
+        score * asked / detected if detected > asked else score
+        for score, detected, asked in _scores_with_counts(prompts, images)
+    ]
+
+
+def shapes_geneval_strict(
+    prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray], **kwargs: Any
+) -> list[float]:
+    """`shapes_geneval` with the extra-object hole closed: 0 for an image with more detected objects than its prompt
+    asks for, the score otherwise. Its 1.0 is the held-out evaluation's `strict_accuracy` verdict; images without
+    extras keep their partial credit (one of two objects right: 0.5).
+
+    Args:
+        prompts: Prompts of the shapes grammar.
+        images: PIL images or uint8 numpy arrays, one per prompt.
+        **kwargs: Other dataset columns and `trainer_state`; ignored.
+    """
+    return [0.0 if detected > asked else score for score, detected, asked in _scores_with_counts(prompts, images)]
 
 
 def evaluate(prompts: Sequence[str], images: Sequence[Image.Image | np.ndarray]) -> dict[str, float]:

@@ -227,6 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+        help="torch threads (default: OMP_NUM_THREADS, else every core; use 1 beside another job).",
+    )
     parser.add_argument("--num_images", type=int, default=40000)
     parser.add_argument("--vae_steps", type=int, default=1000)
     parser.add_argument("--vae_batch_size", type=int, default=32)
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(record), flush=True)
         log_file.write(json.dumps(record) + "\n")
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     start = time.time()
     if args.init_from:
         pipe = StableDiffusion3Pipeline.from_pretrained(args.init_from)
