@@ -457,7 +457,10 @@ def _concise_logging(show_bar: bool):
 
 
 def _demo_evaluation(trainer, images_per_prompt: int):
-    """Held-out GenEval-like evaluation of the shapes demo (the trainer's own policy, ODE sampling, fixed seeds)."""
+    """Held-out GenEval-like evaluation of the shapes demo (the trainer's own policy, ODE sampling, fixed seeds).
+
+    The seeds are `evaluate_heldout`'s own, not `--seed`'s: demo runs with different training seeds are measured on
+    the same images' noise (and on the same as `benchmarks/shapes_learning.py`), so their numbers compare."""
     from .toy.evaluation import evaluate_heldout
 
     def evaluate():
@@ -468,7 +471,6 @@ def _demo_evaluation(trainer, images_per_prompt: int):
             images_per_prompt=images_per_prompt,
             num_inference_steps=args.eval_num_inference_steps,
             guidance_scale=trainer.guidance_scale,
-            seed=args.seed,
             batch_size=args.per_device_eval_batch_size,
             keep_images=False,
             progress=not args.disable_tqdm,

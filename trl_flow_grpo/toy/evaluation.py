@@ -196,20 +196,22 @@ def evaluate_heldout(
 
 def format_result(result: HeldoutResult, title: str = "held-out") -> str:
     """One evaluation as a table: value, 95% interval and n (captions x images) per key."""
-    lines = [f"{title:<28}{'value':>8}  {'95% interval':<16}{'captions':>9}{'images':>8}"]
+    width = max(28, *(len(key) + 2 for key in result.keys()))
+    lines = [f"{title:<{width}}{'value':>8}  {'95% interval':<16}{'captions':>9}{'images':>8}"]
     for key, e in result.estimates().items():
-        lines.append(f"{key:<28}{e.value:>8.3f}  [{e.low:.3f}, {e.high:.3f}] {e.num_prompts:>8}{e.num_images:>8}")
+        lines.append(f"{key:<{width}}{e.value:>8.3f}  [{e.low:.3f}, {e.high:.3f}] {e.num_prompts:>8}{e.num_images:>8}")
     return "\n".join(lines)
 
 
 def format_comparison(before: HeldoutResult, after: HeldoutResult, title: str = "held-out") -> str:
     """Before / after / change, each with its 95% interval (the change's is paired), and n per key."""
-    header = f"{title:<26}{'before':>22}{'after':>22}{'change':>24}{'captions':>9}"
+    width = max(26, *(len(key) + 1 for key in after.keys()))
+    header = f"{title:<{width}}{'before':>22}{'after':>22}{'change':>24}{'captions':>9}"
     lines = [header]
     for key in after.keys():
         b, a, d = before.estimate(key), after.estimate(key), after.change(before, key)
         lines.append(
-            f"{key:<26}{b.value:>7.3f} [{b.low:.3f},{b.high:.3f}]{a.value:>7.3f} [{a.low:.3f},{a.high:.3f}]"
+            f"{key:<{width}}{b.value:>7.3f} [{b.low:.3f},{b.high:.3f}]{a.value:>7.3f} [{a.low:.3f},{a.high:.3f}]"
             f"{d.value:>+8.3f} [{d.low:+.3f},{d.high:+.3f}]{d.num_prompts:>9}"
         )
     k = after.scores.shape[1]
