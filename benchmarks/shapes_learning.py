@@ -176,6 +176,35 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def strict_table(paths: list[str]) -> None:
+    """The runs whose evaluation recorded extra objects, as a table of accuracy, strict accuracy and the share of
+    images with extra objects: after training, with the change's paired interval, and their curves."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)
+        name = ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
+        for run in results["runs"]:
+            if "strict_accuracy" not in run["change"]:
+                continue
+            cells = [name, str(run["seed"]), str(run["optimizer_steps"])]
+            for key in ("accuracy", "strict_accuracy", "extra_objects"):
+                b, a, d = run["before"]["estimates"][key], run["after"]["estimates"][key], run["change"][key]
+                cells.append(
+                    f"{b['value']:.3f} -> {a['value']:.3f} ({d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])"
+                )
+            curve = [p for p in run["curve"] if "strict_accuracy" in p]
+            cells.append(" / ".join(f"{p['strict_accuracy']:.3f}" for p in curve))
+            rows.append("| " + " | ".join(cells) + " |")
+    if rows:
+        print(
+            "\n| change | seed | steps | accuracy: before -> after (change) | strict accuracy | extra objects "
+            "| strict-accuracy curve (2 per caption, from step 0) |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+
+
 def report(paths: list[str], plot_path: str | None = None) -> None:
     """Print the held-out tables of finished runs (one `results.json` each): the figures docs/toy_world.md quotes.
     With `plot_path`, also draw all their curves in one plot."""
@@ -191,11 +220,12 @@ def report(paths: list[str], plot_path: str | None = None) -> None:
                 f"seed {run['seed']}: {run['optimizer_steps']} optimizer steps ({run['images']} images), "
                 f"{run['train_minutes']:.1f} min of training on {results['threads']} thread(s); {k} images per caption"
             )
-            print(f"  {'':<24}{'before':>22}{'after':>22}{'change':>24}{'captions':>9}")
+            width = max(24, *(len(key) + 1 for key in run["change"]))
+            print(f"  {'':<{width}}{'before':>22}{'after':>22}{'change':>24}{'captions':>9}")
             for key, change in run["change"].items():
                 b, a = run["before"]["estimates"][key], run["after"]["estimates"][key]
                 print(
-                    f"  {key:<24}{b['value']:>7.3f} [{b['low']:.3f},{b['high']:.3f}]"
+                    f"  {key:<{width}}{b['value']:>7.3f} [{b['low']:.3f},{b['high']:.3f}]"
                     f"{a['value']:>7.3f} [{a['low']:.3f},{a['high']:.3f}]"
                     f"{change['value']:>+8.3f} [{change['low']:+.3f},{change['high']:+.3f}]{change['num_prompts']:>9}"
                 )
@@ -225,6 +255,7 @@ def report(paths: list[str], plot_path: str | None = None) -> None:
                 " / ".join(f"{p['accuracy']:.3f}" for p in run["curve"][1:]),
             ]
             print("| " + " | ".join(cells) + " |")
+    strict_table(paths)
     if plot_path:
         plot({"title": "Flow-GRPO on the shapes world (SHAPES_RECIPE)", "runs": all_runs}, plot_path)
         print(f"wrote {plot_path}")
