@@ -23,6 +23,7 @@ per-image scores) and `curve.png` to the output folder; `--report DIR/results.js
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -39,10 +40,21 @@ from trl_flow_grpo.toy.model import load_shapes_pipeline
 from trl_flow_grpo.toy.recipe import SHAPES_RECIPE, parse_override
 from trl_flow_grpo.toy.shapes import MIXES
 
+
+def random_control(prompts: list[str], images: list, **kwargs) -> list[float]:
+    """A control reward with no task signal: each image's score is a uniform [0, 1) number hashed from its pixels
+    (reproducible, independent of the caption). What a run with it does to held-out accuracy is what the optimiser's
+    drift alone does; a reward's learning is its run's change beyond this one's."""
+    return [
+        int.from_bytes(hashlib.sha256(np.asarray(image).tobytes()).digest()[:8], "little") / 2**64 for image in images
+    ]
+
+
 REWARDS = {
     "shapes_geneval": shapes_geneval,
     "shapes_geneval_no_extras": shapes_geneval_no_extras,
     "shapes_geneval_strict": shapes_geneval_strict,
+    "random_control": random_control,
 }
 
 
@@ -283,7 +295,8 @@ def main() -> None:
         default="shapes_geneval",
         choices=sorted(REWARDS),
         help="Training reward: shapes_geneval, shapes_geneval_no_extras (extra objects scale the score down) or "
-        "shapes_geneval_strict (an image with extra objects scores 0). The held-out evaluation is the same for all.",
+        "shapes_geneval_strict (an image with extra objects scores 0); random_control (no task signal: the drift "
+        "control). The held-out evaluation is the same for all.",
     )
     parser.add_argument(
         "--base_transformer",

@@ -1,0 +1,63 @@
+"""benchmarks/shapes_learning.py: the drift control's reward carries no task signal, and the strict table lists only
+the runs whose evaluation recorded extra objects."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from trl_flow_grpo.toy.shapes import Scene, ShapeObject, render
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("shapes_learning", ROOT / "benchmarks" / "shapes_learning.py")
+sl = importlib.util.module_from_spec(_spec)
+sys.modules["shapes_learning"] = sl
+_spec.loader.exec_module(sl)
+
+
+def test_random_control_ignores_the_caption_and_is_reproducible():
+    right = render(Scene("a red circle", "single_object", [ShapeObject("circle", "red", 16, 16, 6)]), size=32)
+    blank = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    scores = sl.random_control(["a red circle", "a blue square", "a red circle"], [right, right, blank])
+    assert scores[0] == scores[1]  # the same image scores the same whatever its caption
+    assert scores[0] != scores[2]
+    assert all(0.0 <= s < 1.0 for s in scores)
+    assert sl.random_control(["x"], [blank]) == [scores[2]]
+    many = sl.random_control(["x"] * 200, [Image.fromarray(np.full((4, 4, 3), i, np.uint8)) for i in range(200)])
+    assert 0.4 < np.mean(many) < 0.6 and len(set(many)) == 200  # spread over [0, 1), not a task score
+    assert sl.REWARDS["random_control"] is sl.random_control
+
+
+def _estimate(value: float) -> dict:
+    return {"value": value, "low": value - 0.01, "high": value + 0.01}
+
+
+def _run(seed: int, strict: bool) -> dict:
+    keys = ["accuracy"] + (["strict_accuracy", "extra_objects"] if strict else [])
+    curve = [{"step": 0, "accuracy": 0.3, **({"strict_accuracy": 0.2} if strict else {})}]
+    return {
+        "seed": seed,
+        "optimizer_steps": 10,
+        "curve": curve,
+        "before": {"estimates": {k: _estimate(0.3) for k in keys}},
+        "after": {"estimates": {k: _estimate(0.4) for k in keys}},
+        "change": {k: _estimate(0.1) for k in keys},
+    }
+
+
+def test_strict_table_lists_runs_with_strict_keys_only(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"overrides": ["reward=x"], "runs": [_run(0, strict=True), _run(1, strict=False)]}))
+    sl.strict_table([str(path)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `reward=x`")]
+    assert rows == [
+        "| `reward=x` | 0 | 10 | 0.300 -> 0.400 (+0.100 [+0.090, +0.110]) | 0.300 -> 0.400 (+0.100 "
+        "[+0.090, +0.110]) | 0.300 -> 0.400 (+0.100 [+0.090, +0.110]) | 0.200 |"
+    ]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"overrides": [], "runs": [_run(0, strict=False)]}))
+    sl.strict_table([str(old)])
+    assert capsys.readouterr().out == ""  # no table for runs from before strict accuracy was recorded
