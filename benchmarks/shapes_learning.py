@@ -188,13 +188,12 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def strict_table(paths: list[str]) -> None:
-    """The runs whose evaluation recorded extra objects, as a table of accuracy, strict accuracy and the share of
-    images with extra objects: after training, with the change's paired interval, and their curves."""
+def strict_table(loaded: list[dict]) -> None:
+    """The runs whose evaluation recorded extra objects (of the loaded `results.json` files), as a table of accuracy,
+    strict accuracy and the share of images with extra objects: after training, with the change's paired interval,
+    and their curves."""
     rows = []
-    for path in paths:
-        with open(path) as f:
-            results = json.load(f)
+    for results in loaded:
         name = ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
         for run in results["runs"]:
             if "strict_accuracy" not in run["change"]:
@@ -220,10 +219,11 @@ def strict_table(paths: list[str]) -> None:
 def report(paths: list[str], plot_path: str | None = None) -> None:
     """Print the held-out tables of finished runs (one `results.json` each): the figures docs/toy_world.md quotes.
     With `plot_path`, also draw all their curves in one plot."""
-    all_runs = []
+    all_runs, loaded = [], []
     for path in paths:
         with open(path) as f:
-            results = json.load(f)
+            loaded.append(json.load(f))
+    for path, results in zip(paths, loaded):
         print(f"== {path}: {', '.join(results['overrides']) or 'demo recipe'}")
         all_runs += results["runs"]
         for run in results["runs"]:
@@ -248,9 +248,7 @@ def report(paths: list[str], plot_path: str | None = None) -> None:
         "| position change | curve (2 per caption) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for path in paths:
-        with open(path) as f:
-            results = json.load(f)
+    for results in loaded:
         name = ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
         for run in results["runs"]:
             after, change = run["after"]["estimates"]["accuracy"], run["change"]
@@ -267,7 +265,7 @@ def report(paths: list[str], plot_path: str | None = None) -> None:
                 " / ".join(f"{p['accuracy']:.3f}" for p in run["curve"][1:]),
             ]
             print("| " + " | ".join(cells) + " |")
-    strict_table(paths)
+    strict_table(loaded)
     if plot_path:
         plot({"title": "Flow-GRPO on the shapes world (SHAPES_RECIPE)", "runs": all_runs}, plot_path)
         print(f"wrote {plot_path}")

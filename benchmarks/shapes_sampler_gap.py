@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
 
 
@@ -43,10 +42,8 @@ def rollout_result(
     from trl_flow_grpo.pipelines import get_adapter
     from trl_flow_grpo.sampling.sampler import sample
     from trl_flow_grpo.sampling.windows import full_window
-    from trl_flow_grpo.toy.evaluation import HeldoutResult
-    from trl_flow_grpo.toy.geneval import requested_objects, score_image
+    from trl_flow_grpo.toy.evaluation import score_heldout
     from trl_flow_grpo.toy.recipe import SHAPES_RECIPE
-    from trl_flow_grpo.toy.shapes import caption_category
 
     recipe = dict(SHAPES_RECIPE)
     if noise_level is not None:
@@ -79,11 +76,6 @@ def rollout_result(
                 generator=torch.Generator().manual_seed(seed + 7919 * (start + 1)),
             )
             images += samples.images
-    scores, extras = [], []
-    for prompt, image in zip(repeated, images):
-        score, details = score_image(prompt, image)
-        scores.append(score)
-        extras.append(len(details["detections"]) > requested_objects(prompt))
     settings = {
         "sampler": f"{recipe['sde_type']} noise_level {recipe['noise_level']} on steps {window.steps}",
         "images_per_prompt": images_per_prompt,
@@ -91,14 +83,7 @@ def rollout_result(
         "guidance_scale": guidance_scale,
         "seed": seed,
     }
-    return HeldoutResult(
-        captions,
-        [caption_category(c) for c in captions],
-        np.array(scores).reshape(len(captions), -1),
-        images,
-        settings,
-        np.array(extras, dtype=np.float64).reshape(len(captions), -1),
-    )
+    return score_heldout(captions, images, settings)
 
 
 def main() -> None:
@@ -125,13 +110,12 @@ def main() -> None:
 
     from trl_flow_grpo.toy.evaluation import evaluate_heldout, format_comparison, format_result
     from trl_flow_grpo.toy.model import load_shapes_pipeline
+    from trl_flow_grpo.toy.recipe import SHAPES_RECIPE
     from trl_flow_grpo.toy.shapes import all_captions
 
     pipe = load_shapes_pipeline() if cli.base is None else StableDiffusion3Pipeline.from_pretrained(cli.base)
     pipe.set_progress_bar_config(disable=True)
     captions = list(all_captions("test")) if cli.split == "test" else list(all_captions("train"))[::4]
-
-    from trl_flow_grpo.toy.recipe import SHAPES_RECIPE
 
     levels = cli.noise_levels or [SHAPES_RECIPE["noise_level"]]
 

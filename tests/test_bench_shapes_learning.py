@@ -2,7 +2,6 @@
 the runs whose evaluation recorded extra objects."""
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -48,16 +47,12 @@ def _run(seed: int, strict: bool) -> dict:
     }
 
 
-def test_strict_table_lists_runs_with_strict_keys_only(tmp_path, capsys):
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps({"overrides": ["reward=x"], "runs": [_run(0, strict=True), _run(1, strict=False)]}))
-    sl.strict_table([str(path)])
+def test_strict_table_lists_runs_with_strict_keys_only(capsys):
+    sl.strict_table([{"overrides": ["reward=x"], "runs": [_run(0, strict=True), _run(1, strict=False)]}])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `reward=x`")]
     assert rows == [
         "| `reward=x` | 0 | 10 | 0.300 -> 0.400 (+0.100 [+0.090, +0.110]) | 0.300 -> 0.400 (+0.100 "
         "[+0.090, +0.110]) | 0.300 -> 0.400 (+0.100 [+0.090, +0.110]) | 0.200 |"
     ]
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps({"overrides": [], "runs": [_run(0, strict=False)]}))
-    sl.strict_table([str(old)])
+    sl.strict_table([{"overrides": [], "runs": [_run(0, strict=False)]}])
     assert capsys.readouterr().out == ""  # no table for runs from before strict accuracy was recorded

@@ -21,7 +21,7 @@ from ..eval_stats import Estimate, cluster_bootstrap, paired_cluster_bootstrap
 from .geneval import requested_objects, score_image
 from .shapes import CATEGORIES, all_captions, caption_category
 
-__all__ = ["HeldoutResult", "evaluate_heldout", "format_comparison", "format_result"]
+__all__ = ["HeldoutResult", "evaluate_heldout", "format_comparison", "format_result", "score_heldout"]
 
 
 @dataclass
@@ -167,7 +167,6 @@ def evaluate_heldout(
     captions = list(all_captions("test") if prompts is None else prompts)
     if not captions:
         raise ValueError("prompts is empty: give at least one caption of the shapes grammar.")
-    categories = [caption_category(c) for c in captions]
     repeated = [caption for caption in captions for _ in range(images_per_prompt)]
     images = generate(
         pipe,
@@ -178,20 +177,39 @@ def evaluate_heldout(
         batch_size=batch_size,
         progress=progress,
     )
-    scores, extras = [], []
-    for prompt, image in zip(repeated, images):
-        score, details = score_image(prompt, image)
-        scores.append(score)
-        extras.append(len(details["detections"]) > requested_objects(prompt))
-    scores = np.array(scores).reshape(len(captions), -1)
-    extras = np.array(extras, dtype=np.float64).reshape(len(captions), -1)
     settings = {
         "images_per_prompt": images_per_prompt,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "seed": seed,
     }
-    return HeldoutResult(captions, categories, scores, images if keep_images else [], settings, extras)
+    return score_heldout(captions, images, settings, keep_images=keep_images)
+
+
+def score_heldout(captions: list[str], images: list, settings: dict, keep_images: bool = True) -> HeldoutResult:
+    """Score `images` (caption-major: the same number per caption, `images[i * K + k]` of `captions[i]`) with the
+    GenEval-like rules into a `HeldoutResult`, recording which show more objects than their caption asks for.
+
+    `evaluate_heldout` renders its images with the evaluation's ODE sampler; another sampler's images of the same
+    captions (e.g. `benchmarks/shapes_sampler_gap.py`'s rollouts) are scored the same way.
+    """
+    if not captions or len(images) % len(captions):
+        raise ValueError(f"{len(images)} images for {len(captions)} captions: give the same number for each caption.")
+    k = len(images) // len(captions)
+    scores, extras = [], []
+    for index, image in enumerate(images):
+        prompt = captions[index // k]
+        score, details = score_image(prompt, image)
+        scores.append(score)
+        extras.append(len(details["detections"]) > requested_objects(prompt))
+    return HeldoutResult(
+        list(captions),
+        [caption_category(c) for c in captions],
+        np.array(scores).reshape(len(captions), -1),
+        list(images) if keep_images else [],
+        settings,
+        np.array(extras, dtype=np.float64).reshape(len(captions), -1),
+    )
 
 
 def format_result(result: HeldoutResult, title: str = "held-out") -> str:
