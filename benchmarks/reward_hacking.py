@@ -73,9 +73,9 @@ def background(image) -> float:
     """Mean luminance (in [0, 1]) of the pixels the task reward calls background (`toy.geneval`'s colour
     segmentation: dark pixels, greys and white), 0 for an image without any: a grey haze over the black ground, which
     the task reward cannot see."""
-    from trl_flow_grpo.toy import geneval
+    from trl_flow_grpo.toy.geneval import background_mask
 
-    mask = geneval._segment(geneval._to_rgb_array(image)) == -1
+    mask = background_mask(image)
     gray = np.asarray(image.convert("L"), dtype=np.float64) / 255
     return float(gray[mask].mean()) if mask.any() else 0.0
 

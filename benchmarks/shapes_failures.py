@@ -31,9 +31,9 @@ import os
 import random
 
 from trl_flow_grpo.toy.geneval import (
-    _REFERENCE_SIZE,
     MIN_AXIS_FRACTION,
     MIN_OFFSET,
+    REFERENCE_SIZE,
     parse_prompt,
     requested_objects,
     score_image,
@@ -68,7 +68,7 @@ def verdict(prompt: str, image) -> tuple[str, int]:
     credits = details["object_credits"]
     if min(credits) == 1.0:  # both objects drawn right: the relation fails
         a, b = parsed.requirements
-        offset = MIN_OFFSET * min(image.size) / _REFERENCE_SIZE  # scaled as score_image scales it
+        offset = MIN_OFFSET * min(image.size) / REFERENCE_SIZE  # scaled as score_image scales it
         pairs = [
             (da, db)
             for da in detections

@@ -42,7 +42,7 @@ def rollout_result(
     from trl_flow_grpo.pipelines import get_adapter
     from trl_flow_grpo.sampling.sampler import sample
     from trl_flow_grpo.sampling.windows import full_window
-    from trl_flow_grpo.toy.evaluation import score_heldout
+    from trl_flow_grpo.toy.evaluation import EVAL_SEED, score_heldout
     from trl_flow_grpo.toy.recipe import SHAPES_RECIPE
 
     recipe = dict(SHAPES_RECIPE)
@@ -54,7 +54,7 @@ def rollout_result(
     window = full_window(recipe["num_inference_steps"], recipe["timestep_fraction"])
     shape = adapter.latent_shape(recipe["height"], recipe["width"])
     repeated = [caption for caption in captions for _ in range(images_per_prompt)]
-    seed = 1000
+    seed = EVAL_SEED  # the evaluation's initial noise, image for image
     images = []
     pipe.transformer.eval()
     with torch.no_grad():

@@ -25,7 +25,12 @@ from trl_flow_grpo.toy import (
     shapes_geneval,
     sprite_widths,
 )
-from trl_flow_grpo.toy.geneval import requested_objects, shapes_geneval_no_extras, shapes_geneval_strict
+from trl_flow_grpo.toy.geneval import (
+    background_mask,
+    requested_objects,
+    shapes_geneval_no_extras,
+    shapes_geneval_strict,
+)
 
 
 def _image(*objects: tuple[str, str, float, float, float]) -> Image.Image:
@@ -128,6 +133,10 @@ def test_detect_objects_ignores_specks_and_off_palette_pixels():
     pixels[28:31, 27:30] = (255, 255, 255)  # neither is white
     detections = detect_objects(Image.fromarray(pixels))
     assert [(d.color, d.shape) for d in detections] == [("green", "circle")]
+    # the background mask is what no detection is made of: black, grey and white, not the circle nor the speck
+    mask = background_mask(pixels)
+    assert mask.shape == (32, 32) and mask[0, 0] and mask[29, 3] and mask[29, 28]
+    assert not mask[16, 16] and not mask[2, 2]
 
 
 @pytest.mark.parametrize("size", [32, 64])

@@ -76,7 +76,8 @@ TRIANGLE_MAX_UPPER_FRACTION = 0.40
 """A component with at most this fraction of its pixels in the upper half of its bounding box is a triangle."""
 ROUND_MIN_UPPER_FRACTION = 0.45
 """A component with at least this fraction of its pixels in the upper half is never a triangle."""
-_REFERENCE_SIZE = 32
+REFERENCE_SIZE = 32
+"""Image side (pixels) at which the pixel thresholds above hold; they scale with the image for other sizes."""
 
 
 @dataclass
@@ -206,6 +207,12 @@ def _segment(rgb: np.ndarray) -> np.ndarray:
     return np.where(foreground, best, -1)
 
 
+def background_mask(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Boolean ``(H, W)`` mask of the pixels the detector calls background (dark pixels, greys, white and colours off
+    the palette): the pixels no detection can be made of."""
+    return _segment(_to_rgb_array(image)) == -1
+
+
 def _label_components(labels: np.ndarray) -> np.ndarray:
     """4-connected components of equal non-negative labels: each pixel gets its component's smallest flat index."""
     height, width = labels.shape
@@ -276,7 +283,7 @@ def _detect(rgb: np.ndarray) -> list[Detection]:
     height, width = rgb.shape[:2]
     labels = _segment(rgb)
     comp = _label_components(labels)
-    min_area = max(1, round(MIN_AREA * height * width / _REFERENCE_SIZE**2))
+    min_area = max(1, round(MIN_AREA * height * width / REFERENCE_SIZE**2))
     ids, counts = np.unique(comp[comp >= 0], return_counts=True)
     color_names = list(COLORS)
     detections: list[Detection] = []
@@ -345,7 +352,7 @@ def _score_parsed(
         details.update(expected_count=requirement.count, detected_count=detected)
     else:
         a, b = parsed.requirements
-        min_offset = MIN_OFFSET * min(image_size) / _REFERENCE_SIZE
+        min_offset = MIN_OFFSET * min(image_size) / REFERENCE_SIZE
         best = (0.0, (0.0, 0.0), None)  # score, object credits, relation holds
         if len(detections) == 1:
             credits = (_credit(a, detections[0]), _credit(b, detections[0]))
