@@ -4,6 +4,7 @@
         [--eval_every 25] [--curve_images_per_prompt 2] [--final_images_per_prompt 16] [--output_dir DIR]
         [--reward shapes_geneval|shapes_geneval_no_extras|shapes_geneval_strict] [--base_transformer DIR]
         [--save_model_dir DIR]
+    python benchmarks/shapes_learning.py --report RUN/results.json ... [--control CONTROL/results.json ...]
 
 Starts from the shipped pretrained shapes model (or `--base_transformer`), trains on training-split prompts with the
 rule-based `shapes_geneval` reward (`--reward shapes_geneval_no_extras`: extra objects scale the score down;
@@ -17,7 +18,9 @@ column is paired.
 
 `--set key=value` overrides a field of the recipe (the demo's, `trl_flow_grpo.toy.recipe.SHAPES_RECIPE`), e.g.
 `--set learning_rate=1e-4 --set beta=0.01`. Writes `results.json` (per seed: curve, before/after estimates,
-per-image scores) and `curve.png` to the output folder; `--report DIR/results.json ...` prints finished runs' tables.
+per-image scores) and `curve.png` to the output folder; `--report DIR/results.json ...` prints finished runs' tables,
+and with `--control CONTROL/results.json ...` (`--reward random_control` runs) each run's final numbers minus those of
+the drift control with its settings and seed: what its reward taught beyond the optimiser's drift.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from transformers import TrainerCallback
 
 from trl_flow_grpo import FlowGRPOConfig, FlowGRPOTrainer
 from trl_flow_grpo.toy import make_prompt_dataset
-from trl_flow_grpo.toy.evaluation import evaluate_heldout, format_comparison
+from trl_flow_grpo.toy.evaluation import HeldoutResult, evaluate_heldout, format_comparison
 from trl_flow_grpo.toy.geneval import shapes_geneval, shapes_geneval_no_extras, shapes_geneval_strict
 from trl_flow_grpo.toy.model import load_shapes_pipeline
 from trl_flow_grpo.toy.recipe import SHAPES_RECIPE, parse_override
@@ -216,13 +219,69 @@ def strict_table(loaded: list[dict]) -> None:
         print("\n".join(rows))
 
 
-def report(paths: list[str], plot_path: str | None = None) -> None:
+def _heldout(evaluation: dict) -> HeldoutResult:
+    """A run's saved evaluation (`run["after"]`) as the `HeldoutResult` it was computed from."""
+    return HeldoutResult(
+        evaluation["prompts"],
+        evaluation["categories"],
+        evaluation["scores"],
+        settings=evaluation["settings"],
+        extras=evaluation.get("extras"),
+    )
+
+
+def _settings_but_reward(results: dict) -> tuple[str, ...]:
+    return tuple(sorted(o for o in results["overrides"] if not o.startswith("reward=")))
+
+
+def control_table(loaded: list[dict], controls: list[dict]) -> None:
+    """Each run's final evaluation against the drift control's (`--reward random_control`) with the same settings
+    (every override but the reward) and seed: the difference `arm - control` of accuracy, strict accuracy and extra
+    objects, paired over the same captions and initial noise. Both start from the same base, so it is what the arm's
+    reward taught beyond the drift of its optimiser. Runs without such a control, or evaluated on other images, are
+    left out."""
+    by_key = {}
+    for results in controls:
+        for run in results["runs"]:
+            by_key.setdefault((_settings_but_reward(results), run["seed"]), run)
+    rows = []
+    for results in loaded:
+        if "reward=random_control" in results["overrides"]:
+            continue
+        name = ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
+        for run in results["runs"]:
+            control = by_key.get((_settings_but_reward(results), run["seed"]))
+            if control is None:
+                continue
+            arm, base = _heldout(run["after"]), _heldout(control["after"])
+            if arm.prompts != base.prompts or arm.scores.shape != base.scores.shape or arm.settings != base.settings:
+                continue
+            cells = [name, str(run["seed"]), f"{run['optimizer_steps']} / {control['optimizer_steps']}"]
+            for key in ("accuracy", "strict_accuracy", "extra_objects"):
+                if key in arm.keys() and key in base.keys():
+                    d = arm.change(base, key)
+                    cells.append(f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+                else:
+                    cells.append("-")
+            rows.append("| " + " | ".join(cells) + " |")
+    if rows:
+        print("\nagainst the drift control with the same settings and seed, after training, paired over captions:")
+        print("| change | seed | steps (arm / control) | accuracy: arm - control | strict accuracy | extra objects |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(rows))
+
+
+def report(paths: list[str], plot_path: str | None = None, control_paths: list[str] | None = None) -> None:
     """Print the held-out tables of finished runs (one `results.json` each): the figures docs/toy_world.md quotes.
-    With `plot_path`, also draw all their curves in one plot."""
-    all_runs, loaded = [], []
+    With `plot_path`, also draw all their curves in one plot; with `control_paths` (drift-control runs), also each
+    run's difference from the control of its seed."""
+    all_runs, loaded, controls = [], [], []
     for path in paths:
         with open(path) as f:
             loaded.append(json.load(f))
+    for path in control_paths or []:
+        with open(path) as f:
+            controls.append(json.load(f))
     for path, results in zip(paths, loaded):
         print(f"== {path}: {', '.join(results['overrides']) or 'demo recipe'}")
         all_runs += results["runs"]
@@ -266,6 +325,8 @@ def report(paths: list[str], plot_path: str | None = None) -> None:
             ]
             print("| " + " | ".join(cells) + " |")
     strict_table(loaded)
+    if controls:
+        control_table(loaded, controls)
     if plot_path:
         plot({"title": "Flow-GRPO on the shapes world (SHAPES_RECIPE)", "runs": all_runs}, plot_path)
         print(f"wrote {plot_path}")
@@ -275,6 +336,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", nargs="+", default=None, help="Print the tables of finished runs' results.json.")
     parser.add_argument("--report_plot", default=None, help="With --report: one plot of all their curves.")
+    parser.add_argument(
+        "--control",
+        nargs="+",
+        default=None,
+        help="With --report: results.json of drift-control runs (--reward random_control); prints each run's final "
+        "accuracy, strict accuracy and extras minus the control's of the same seed, with a paired interval.",
+    )
     parser.add_argument("--max_steps", type=int, default=150)
     parser.add_argument("--minutes", type=float, default=None, help="Training-time budget (evaluations excluded).")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -313,7 +381,7 @@ def main() -> None:
     )
     cli = parser.parse_args()
     if cli.report:
-        return report(cli.report, cli.report_plot)
+        return report(cli.report, cli.report_plot, cli.control)
     os.makedirs(cli.output_dir, exist_ok=True)
     torch.set_num_threads(cli.threads)
     recipe = dict(SHAPES_RECIPE)

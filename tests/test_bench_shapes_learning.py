@@ -56,3 +56,27 @@ def test_strict_table_lists_runs_with_strict_keys_only(capsys):
     ]
     sl.strict_table([{"overrides": [], "runs": [_run(0, strict=False)]}])
     assert capsys.readouterr().out == ""  # no table for runs from before strict accuracy was recorded
+
+
+def _evaluated(seed: int, correct: float, extra: float) -> dict:
+    """A run whose final evaluation has 4 captions x 2 images, `correct` and `extra` the share of each."""
+    prompts = ["a red circle", "a blue square", "two red circles", "a red circle left of a blue square"]
+    categories = ["single_object", "single_object", "counting", "position"]
+    scores = [[1.0 if (i * 2 + k) < correct * 8 else 0.0 for k in range(2)] for i in range(4)]
+    extras = [[1.0 if (i * 2 + k) < extra * 8 else 0.0 for k in range(2)] for i in range(4)]
+    after = {"prompts": prompts, "categories": categories, "scores": scores, "extras": extras, "settings": {"k": 2}}
+    return {"seed": seed, "optimizer_steps": 10, "after": after}
+
+
+def test_control_table_pairs_each_run_with_the_control_of_its_settings_and_seed(capsys):
+    control = {"overrides": ["beta=0.04", "reward=random_control"], "runs": [_evaluated(0, 0.25, 0.5)]}
+    arm = {"overrides": ["reward=shapes_geneval_strict", "beta=0.04"], "runs": [_evaluated(0, 0.75, 0.0)]}
+    other_seed = {"overrides": ["beta=0.04", "reward=x"], "runs": [_evaluated(1, 1.0, 0.0)]}
+    other_settings = {"overrides": ["reward=x"], "runs": [_evaluated(0, 1.0, 0.0)]}
+    sl.control_table([arm, other_seed, other_settings, control], [control])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert len(rows) == 1  # no control for seed 1 nor for other settings; the control is not its own arm
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert cells[:3] == ["`reward=shapes_geneval_strict`, `beta=0.04`", "0", "10 / 10"]
+    assert cells[3].startswith("+0.500 [") and cells[5].startswith("-0.500 [")  # accuracy and extras: arm - control
+    assert cells[4].startswith("+0.750 [")  # strict: 0.75 - 0.0 (the control's 2 correct images both have extras)
