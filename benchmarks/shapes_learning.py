@@ -236,27 +236,27 @@ def _settings_but_reward(results: dict) -> tuple[str, ...]:
 
 def control_table(loaded: list[dict], controls: list[dict]) -> None:
     """Each run's final evaluation against the drift control's (`--reward random_control`) with the same settings
-    (every override but the reward) and seed: the difference `arm - control` of accuracy, strict accuracy and extra
-    objects, paired over the same captions and initial noise. Both start from the same base, so it is what the arm's
-    reward taught beyond the drift of its optimiser. Runs without such a control, or evaluated on other images, are
-    left out."""
+    (every override but the reward), seed and number of optimizer steps: the difference `arm - control` of accuracy,
+    strict accuracy and extra objects, paired over the same captions and initial noise. Both start from the same base,
+    so it is what the arm's reward taught beyond the drift of its optimiser. Runs without such a control, or evaluated
+    on other images, are left out."""
     by_key = {}
     for results in controls:
         for run in results["runs"]:
-            by_key.setdefault((_settings_but_reward(results), run["seed"]), run)
+            by_key.setdefault((_settings_but_reward(results), run["seed"], run["optimizer_steps"]), run)
     rows = []
     for results in loaded:
         if "reward=random_control" in results["overrides"]:
             continue
         name = ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
         for run in results["runs"]:
-            control = by_key.get((_settings_but_reward(results), run["seed"]))
+            control = by_key.get((_settings_but_reward(results), run["seed"], run["optimizer_steps"]))
             if control is None:
                 continue
             arm, base = _heldout(run["after"]), _heldout(control["after"])
             if arm.prompts != base.prompts or arm.scores.shape != base.scores.shape or arm.settings != base.settings:
                 continue
-            cells = [name, str(run["seed"]), f"{run['optimizer_steps']} / {control['optimizer_steps']}"]
+            cells = [name, str(run["seed"]), str(run["optimizer_steps"])]
             for key in ("accuracy", "strict_accuracy", "extra_objects"):
                 if key in arm.keys() and key in base.keys():
                     d = arm.change(base, key)
@@ -265,8 +265,8 @@ def control_table(loaded: list[dict], controls: list[dict]) -> None:
                     cells.append("-")
             rows.append("| " + " | ".join(cells) + " |")
     if rows:
-        print("\nagainst the drift control with the same settings and seed, after training, paired over captions:")
-        print("| change | seed | steps (arm / control) | accuracy: arm - control | strict accuracy | extra objects |")
+        print("\nminus the drift control of the same settings, seed and steps (final evaluation, paired by caption):")
+        print("| change | seed | steps | accuracy: arm - control | strict accuracy | extra objects |")
         print("|---|---|---|---|---|---|")
         print("\n".join(rows))
 

@@ -68,15 +68,17 @@ def _evaluated(seed: int, correct: float, extra: float) -> dict:
     return {"seed": seed, "optimizer_steps": 10, "after": after}
 
 
-def test_control_table_pairs_each_run_with_the_control_of_its_settings_and_seed(capsys):
+def test_control_table_pairs_each_run_with_the_control_of_its_settings_seed_and_steps(capsys):
     control = {"overrides": ["beta=0.04", "reward=random_control"], "runs": [_evaluated(0, 0.25, 0.5)]}
     arm = {"overrides": ["reward=shapes_geneval_strict", "beta=0.04"], "runs": [_evaluated(0, 0.75, 0.0)]}
     other_seed = {"overrides": ["beta=0.04", "reward=x"], "runs": [_evaluated(1, 1.0, 0.0)]}
     other_settings = {"overrides": ["reward=x"], "runs": [_evaluated(0, 1.0, 0.0)]}
-    sl.control_table([arm, other_seed, other_settings, control], [control])
+    longer = {**_evaluated(0, 1.0, 0.0), "optimizer_steps": 20}
+    other_steps = {"overrides": ["beta=0.04", "reward=x"], "runs": [longer]}
+    sl.control_table([arm, other_seed, other_settings, other_steps, control], [control])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
-    assert len(rows) == 1  # no control for seed 1 nor for other settings; the control is not its own arm
+    assert len(rows) == 1  # no control for seed 1, other settings or 20 steps; the control is not its own arm
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    assert cells[:3] == ["`reward=shapes_geneval_strict`, `beta=0.04`", "0", "10 / 10"]
+    assert cells[:3] == ["`reward=shapes_geneval_strict`, `beta=0.04`", "0", "10"]
     assert cells[3].startswith("+0.500 [") and cells[5].startswith("-0.500 [")  # accuracy and extras: arm - control
     assert cells[4].startswith("+0.750 [")  # strict: 0.75 - 0.0 (the control's 2 correct images both have extras)
