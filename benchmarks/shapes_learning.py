@@ -20,7 +20,7 @@ column is paired.
 `--set learning_rate=1e-4 --set beta=0.01`. Writes `results.json` (per seed: curve, before/after estimates,
 per-image scores) and `curve.png` to the output folder; `--report DIR/results.json ...` prints finished runs' tables,
 and with `--control CONTROL/results.json ...` (`--reward random_control` runs) each run's final numbers minus those of
-the drift control with its settings and seed: what its reward taught beyond the optimiser's drift.
+the drift control with its settings, seed and steps: what its reward taught beyond the optimiser's drift.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def strict_table(loaded: list[dict]) -> None:
     and their curves."""
     rows = []
     for results in loaded:
-        name = ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
+        name = _label(results)
         for run in results["runs"]:
             if "strict_accuracy" not in run["change"]:
                 continue
@@ -219,15 +219,9 @@ def strict_table(loaded: list[dict]) -> None:
         print("\n".join(rows))
 
 
-def _heldout(evaluation: dict) -> HeldoutResult:
-    """A run's saved evaluation (`run["after"]`) as the `HeldoutResult` it was computed from."""
-    return HeldoutResult(
-        evaluation["prompts"],
-        evaluation["categories"],
-        evaluation["scores"],
-        settings=evaluation["settings"],
-        extras=evaluation.get("extras"),
-    )
+def _label(results: dict) -> str:
+    """A run's row label in the tables: its overrides (recipe, mix, reward, base), or "none"."""
+    return ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
 
 
 def _settings_but_reward(results: dict) -> tuple[str, ...]:
@@ -248,12 +242,12 @@ def control_table(loaded: list[dict], controls: list[dict]) -> None:
     for results in loaded:
         if "reward=random_control" in results["overrides"]:
             continue
-        name = ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
+        name = _label(results)
         for run in results["runs"]:
             control = by_key.get((_settings_but_reward(results), run["seed"], run["optimizer_steps"]))
             if control is None:
                 continue
-            arm, base = _heldout(run["after"]), _heldout(control["after"])
+            arm, base = HeldoutResult.from_dict(run["after"]), HeldoutResult.from_dict(control["after"])
             if arm.prompts != base.prompts or arm.scores.shape != base.scores.shape or arm.settings != base.settings:
                 continue
             cells = [name, str(run["seed"]), str(run["optimizer_steps"])]
@@ -274,7 +268,7 @@ def control_table(loaded: list[dict], controls: list[dict]) -> None:
 def report(paths: list[str], plot_path: str | None = None, control_paths: list[str] | None = None) -> None:
     """Print the held-out tables of finished runs (one `results.json` each): the figures docs/toy_world.md quotes.
     With `plot_path`, also draw all their curves in one plot; with `control_paths` (drift-control runs), also each
-    run's difference from the control of its seed."""
+    run's difference from the control with its settings, seed and steps (`control_table`)."""
     all_runs, loaded, controls = [], [], []
     for path in paths:
         with open(path) as f:
@@ -308,7 +302,7 @@ def report(paths: list[str], plot_path: str | None = None, control_paths: list[s
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for results in loaded:
-        name = ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
+        name = _label(results)
         for run in results["runs"]:
             after, change = run["after"]["estimates"]["accuracy"], run["change"]
             gain = change["accuracy"]
@@ -341,7 +335,8 @@ def main() -> None:
         nargs="+",
         default=None,
         help="With --report: results.json of drift-control runs (--reward random_control); prints each run's final "
-        "accuracy, strict accuracy and extras minus the control's of the same seed, with a paired interval.",
+        "accuracy, strict accuracy and extras minus the control's with the same settings, seed and steps, with a "
+        "paired interval.",
     )
     parser.add_argument("--max_steps", type=int, default=150)
     parser.add_argument("--minutes", type=float, default=None, help="Training-time budget (evaluations excluded).")

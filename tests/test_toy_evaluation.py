@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -52,6 +54,10 @@ def test_strict_accuracy_counts_a_correct_image_with_extra_objects_as_wrong():
     assert result.estimate("extra_objects").value == pytest.approx(5 / 8)
     assert "strict_accuracy/counting" in result.keys() and "extra_objects/single_object" in result.keys()
     assert result.to_dict()["extras"] == extras
+    loaded = HeldoutResult.from_dict(json.loads(json.dumps(result.to_dict())))  # what a results.json gives back
+    assert loaded.prompts == result.prompts and loaded.categories == result.categories
+    assert (loaded.scores == result.scores).all() and (loaded.extras == result.extras).all()
+    assert loaded.estimates() == result.estimates() and HeldoutResult.from_dict(plain.to_dict()).extras is None
     assert "strict_accuracy" not in _result(scores).keys()  # not recorded: not reported as 0
     with pytest.raises(KeyError, match="strict_accuracy"):
         _result(scores).estimate("strict_accuracy")

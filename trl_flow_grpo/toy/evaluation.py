@@ -134,6 +134,13 @@ class HeldoutResult:
             "extras": None if self.extras is None else self.extras.tolist(),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> HeldoutResult:
+        """The result `to_dict` saved (its estimates are recomputed from the scores; the images are not kept)."""
+        return cls(
+            data["prompts"], data["categories"], data["scores"], settings=data["settings"], extras=data.get("extras")
+        )
+
 
 def evaluate_heldout(
     pipe,
