@@ -169,6 +169,7 @@ def test_train_resumes_from_the_newest_checkpoint(tmp_path, capsys):
     common = ["train", "--output_dir", str(tmp_path), "--num_generations", "2", "--per_device_train_batch_size", "2"]
     common += ["--gradient_accumulation_steps", "1", "--num_inference_steps", "2", "--eval_num_inference_steps", "1"]
     common += ["--logging_steps", "1", "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", "1"]
+    common += ["--heldout_images_per_prompt", "1"]
     main([*common, "--max_steps", "1"])
     assert (tmp_path / "checkpoint-1").is_dir()
     capsys.readouterr()
@@ -195,6 +196,7 @@ def test_ctrl_c_during_train_saves_and_says_how_to_resume(tmp_path, capsys, monk
     common = ["train", "--output_dir", str(tmp_path), "--num_generations", "2", "--per_device_train_batch_size", "2"]
     common += ["--gradient_accumulation_steps", "1", "--num_inference_steps", "2", "--eval_num_inference_steps", "1"]
     common += ["--logging_steps", "1", "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", "100"]
+    common += ["--heldout_images_per_prompt", "1"]
     with pytest.raises(SystemExit) as exit_info:
         main([*common, "--max_steps", "3"])
     assert exit_info.value.code == 130
@@ -551,10 +553,10 @@ def test_the_real_torchvision_fallback_warnings_are_silenced_and_nothing_else():
         "import trl_flow_grpo.pipelines\n"
         "logging.getLogger('transformers.utils.import_utils').warning('another warning')\n"
     )
-    runs = {
-        mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True)
+    runs = {  # side by side: each is mostly the import of transformers and diffusers
+        mode: subprocess.Popen([sys.executable, "-c", code, mode], stderr=subprocess.PIPE, text=True)
         for mode in ("plain", "filtered")
     }
-    plain, filtered = runs["plain"].stderr, runs["filtered"].stderr
+    plain, filtered = (runs[mode].communicate(timeout=300)[1] for mode in ("plain", "filtered"))
     assert "`CLIPImageProcessor` requires torchvision" in plain and "`SiglipImageProcessor`" in plain
     assert "requires torchvision" not in filtered and "another warning" in filtered

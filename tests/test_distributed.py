@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 
 from trl_flow_grpo.testing import make_tiny_sd3_pipeline
 
-pytestmark = pytest.mark.distributed  # several processes, minutes: `pytest -m "not distributed"` leaves them out
+# Several processes, minutes: `pytest -m "not distributed"` leaves them out. One xdist worker runs them all, one after
+# the other (the module's fixture once), beside the rest of the suite.
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("distributed")]
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
