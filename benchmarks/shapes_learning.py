@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -219,13 +220,23 @@ def strict_table(loaded: list[dict]) -> None:
         print("\n".join(rows))
 
 
+def _overrides(results: dict) -> list[str]:
+    """A run's overrides, with `base_transformer=` shortened to the base's last two path parts (its folder and
+    `transformer`): the same weights loaded from /tmp/longer_base/transformer or
+    benchmarks/assets/longer_base/transformer are the same base, in the labels and in the control matching."""
+    return [
+        "base_transformer=" + "/".join(Path(o.split("=", 1)[1]).parts[-2:]) if o.startswith("base_transformer=") else o
+        for o in results["overrides"]
+    ]
+
+
 def _label(results: dict) -> str:
     """A run's row label in the tables: its overrides (recipe, mix, reward, base), or "none"."""
-    return ", ".join(f"`{o}`" for o in results["overrides"]) or "none"
+    return ", ".join(f"`{o}`" for o in _overrides(results)) or "none"
 
 
 def _settings_but_reward(results: dict) -> tuple[str, ...]:
-    return tuple(sorted(o for o in results["overrides"] if not o.startswith("reward=")))
+    return tuple(sorted(o for o in _overrides(results) if not o.startswith("reward=")))
 
 
 def control_table(loaded: list[dict], controls: list[dict]) -> None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from trl_flow_grpo.toy.shapes import Scene, ShapeObject, render
@@ -82,3 +83,42 @@ def test_control_table_pairs_each_run_with_the_control_of_its_settings_seed_and_
     assert cells[:3] == ["`reward=shapes_geneval_strict`, `beta=0.04`", "0", "10"]
     assert cells[3].startswith("+0.500 [") and cells[5].startswith("-0.500 [")  # accuracy and extras: arm - control
     assert cells[4].startswith("+0.750 [")  # strict: 0.75 - 0.0 (the control's 2 correct images both have extras)
+
+
+def test_a_base_loaded_from_another_folder_of_the_same_name_is_the_same_base(capsys):
+    """The rows name the base by its last two path parts, so that a control run from the shipped copy of the
+    longer-pretrained base (benchmarks/assets) pairs with an arm that loaded it from /tmp; another base does not."""
+    control = {
+        "overrides": ["reward=random_control", "base_transformer=benchmarks/assets/longer_base/transformer"],
+        "runs": [_evaluated(0, 0.25, 0.5)],
+    }
+    arm = {
+        "overrides": ["reward=shapes_geneval_strict", "base_transformer=/tmp/longer_base/transformer"],
+        "runs": [_evaluated(0, 0.75, 0.0)],
+    }
+    other_base = {"overrides": ["reward=x", "base_transformer=/tmp/other/transformer"], "runs": [_evaluated(0, 1, 0)]}
+    sl.control_table([arm, other_base], [control])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert len(rows) == 1
+    assert rows[0].startswith("| `reward=shapes_geneval_strict`, `base_transformer=longer_base/transformer` | 0 |")
+
+
+def test_the_shipped_longer_pretrained_base_is_the_one_its_readme_names_and_loads_over_the_shapes_model():
+    """The study's base (benchmarks/assets/longer_base) is reproducible from the repository: its weights are the ones
+    whose sha256 the README gives, and they load as a transformer of the shipped model's architecture."""
+    import hashlib
+    import re
+
+    from diffusers import SD3Transformer2DModel
+
+    from trl_flow_grpo.toy.model import SHAPES_MODEL_PATH
+
+    folder = ROOT / "benchmarks" / "assets" / "longer_base"
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    (named,) = re.findall(r"sha256\s+`([0-9a-f]{64})`", (folder / "README.md").read_text(encoding="utf-8"))
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == named
+    longer = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    shipped = SD3Transformer2DModel.from_pretrained(Path(SHAPES_MODEL_PATH) / "transformer")
+    architecture = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in (longer, shipped)]
+    assert architecture[0] == architecture[1]
+    assert not all(torch.equal(a, b) for a, b in zip(longer.state_dict().values(), shipped.state_dict().values()))
