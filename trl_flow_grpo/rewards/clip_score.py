@@ -24,7 +24,14 @@ from PIL import Image
 
 from ._models import BatchedRewardModel
 
-__all__ = ["CLIP_SCORE_MODEL_ID", "CLIP_SCORE_WEIGHT", "CLIPScoreReward", "clip_cosines", "clip_score_reward"]
+__all__ = [
+    "CLIP_SCORE_MODEL_ID",
+    "CLIP_SCORE_WEIGHT",
+    "CLIPEmbeddingReward",
+    "CLIPScoreReward",
+    "clip_cosines",
+    "clip_score_reward",
+]
 
 CLIP_SCORE_MODEL_ID = "openai/clip-vit-large-patch14"
 CLIP_SCORE_WEIGHT = 2.5
@@ -62,7 +69,57 @@ def clip_cosines(
     return (text_embeds * image_embeds).sum(dim=-1)
 
 
-class CLIPScoreReward(BatchedRewardModel):
+class CLIPEmbeddingReward(BatchedRewardModel):
+    """A reward read off a CLIP model's text and image embeddings (CLIPScore, PickScore): the model and its
+    processor, loaded with `transformers.AutoModel` (`use_safetensors=True`) / `AutoProcessor` on the first call
+    unless injected. Subclasses turn `clip_cosines` of a batch into their score (`_score_batch`)."""
+
+    def __init__(
+        self,
+        model_id: str,
+        processor_id: str,
+        *,
+        device: str | torch.device | None,
+        dtype: torch.dtype,
+        batch_size: int,
+        offload: bool,
+        revision: str | None,
+        processor_revision: str | None,
+        model: torch.nn.Module | None,
+        processor: Any,
+    ) -> None:
+        super().__init__(device=device, dtype=dtype, batch_size=batch_size, offload=offload)
+        self.model_id = model_id
+        self.processor_id = processor_id
+        self.revision = revision
+        self.processor_revision = processor_revision
+        self.model = model
+        self.processor = processor
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether the model and processor are in memory (loaded or injected)."""
+        return self.model is not None and self.processor is not None
+
+    def _models(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def _load_models(self) -> bool:
+        if self.processor is None:
+            from transformers import AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(self.processor_id, revision=self.processor_revision)
+        if self.model is None:
+            from transformers import AutoModel
+
+            self.model = AutoModel.from_pretrained(
+                self.model_id, revision=self.revision, dtype=self.dtype, use_safetensors=True
+            )
+            return True
+        return False
+
+
+class CLIPScoreReward(CLIPEmbeddingReward):
     """CLIPScore of each image for its prompt, as a reward function (`prompts`, `images` -> one float per image).
 
     The processor and model are loaded with `transformers.AutoProcessor` / `AutoModel` (`use_safetensors=True`) from
@@ -111,37 +168,22 @@ class CLIPScoreReward(BatchedRewardModel):
         model: torch.nn.Module | None = None,
         processor: Any = None,
     ) -> None:
-        super().__init__(device=device, dtype=dtype, batch_size=batch_size, offload=offload)
         if not weight > 0:
             raise ValueError(f"weight must be > 0 (2.5 as in the CLIPScore paper, 100 as torchmetrics), got {weight}")
-        self.model_id = model_id
+        super().__init__(
+            model_id,
+            model_id,  # the processor is the checkpoint's own, at the same revision
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            offload=offload,
+            revision=revision,
+            processor_revision=revision,
+            model=model,
+            processor=processor,
+        )
         self.weight = float(weight)
         self.clip_at_zero = clip_at_zero
-        self.revision = revision
-        self.model = model
-        self.processor = processor
-
-    @property
-    def is_loaded(self) -> bool:
-        """Whether the model and processor are in memory (loaded or injected)."""
-        return self.model is not None and self.processor is not None
-
-    def _models(self) -> list[torch.nn.Module]:
-        return [self.model]
-
-    def _load_models(self) -> bool:
-        if self.processor is None:
-            from transformers import AutoProcessor
-
-            self.processor = AutoProcessor.from_pretrained(self.model_id, revision=self.revision)
-        if self.model is None:
-            from transformers import AutoModel
-
-            self.model = AutoModel.from_pretrained(
-                self.model_id, revision=self.revision, dtype=self.dtype, use_safetensors=True
-            )
-            return True
-        return False
 
     def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
         """The cosines of one batch (the scaling is `score`'s)."""

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ._models import BatchedRewardModel
-from .clip_score import clip_cosines
+from .clip_score import CLIPEmbeddingReward, clip_cosines
 
 __all__ = [
     "PICKSCORE_MODEL_ID",
@@ -36,7 +35,7 @@ PICKSCORE_NORMALIZER = 26.0
 """Flow-GRPO divides PickScore by this constant to get rewards of about [0, 1] (`normalize=True`)."""
 
 
-class PickScoreReward(BatchedRewardModel):
+class PickScoreReward(CLIPEmbeddingReward):
     """PickScore of each image for its prompt, as a reward function (`prompts`, `images` -> one float per image).
 
     Models are loaded with `transformers.AutoProcessor` / `AutoModel` (`use_safetensors=True`) on the first call,
@@ -87,35 +86,19 @@ class PickScoreReward(BatchedRewardModel):
         model: torch.nn.Module | None = None,
         processor: Any = None,
     ) -> None:
-        super().__init__(device=device, dtype=dtype, batch_size=batch_size, offload=offload)
-        self.model_id = model_id
-        self.processor_id = processor_id
+        super().__init__(
+            model_id,
+            processor_id,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            offload=offload,
+            revision=revision,
+            processor_revision=None,  # `revision` is the PickScore checkpoint's; the processor is LAION's CLIP-H
+            model=model,
+            processor=processor,
+        )
         self.normalize = normalize
-        self.revision = revision
-        self.model = model
-        self.processor = processor
-
-    @property
-    def is_loaded(self) -> bool:
-        """Whether the model and processor are in memory (loaded or injected)."""
-        return self.model is not None and self.processor is not None
-
-    def _models(self) -> list[torch.nn.Module]:
-        return [self.model]
-
-    def _load_models(self) -> bool:
-        if self.processor is None:
-            from transformers import AutoProcessor
-
-            self.processor = AutoProcessor.from_pretrained(self.processor_id)
-        if self.model is None:
-            from transformers import AutoModel
-
-            self.model = AutoModel.from_pretrained(
-                self.model_id, revision=self.revision, dtype=self.dtype, use_safetensors=True
-            )
-            return True
-        return False
 
     def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
         """PickScore of one batch: raw (`logit_scale.exp() * cosine`), or divided by 26 when `normalize=True`."""
