@@ -494,6 +494,30 @@ def test_a_misspelt_flag_fails_before_accelerate_launches(monkeypatch):
         main(["train", "--accelerate_config", "multi_gpu", "--num_processes", "2", "--lerning_rate", "1e-4"])
 
 
+def test_an_unknown_recipe_key_names_the_file_the_key_and_the_fix_before_anything_loads(tmp_path, monkeypatch):
+    """A misspelt YAML key gets the nearest option; a key of the launch (`accelerate_config`, `num_processes`) is
+    said to belong on the command line, with the command; with --accelerate_config this fails before launching."""
+    from trl_flow_grpo import cli
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("lerning_rate: 1e-4\nnum_processes: 2\nmax_steps: 1\nenv:\n  FOO: '1'\n", encoding="utf-8")
+    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("launched despite a wrong recipe"))
+    for argv in (
+        ["train", "--config", str(recipe)],
+        ["train", "--accelerate_config", "multi_gpu", f"--config={recipe}"],
+    ):
+        with pytest.raises(SystemExit) as error:
+            main(argv)
+        message = str(error.value)
+        assert f"{recipe}: unknown keys 'lerning_rate', 'num_processes'." in message  # `env:` is TRL's, not unknown
+        assert "--lerning_rate: did you mean --learning_rate?" in message
+        assert "num_processes: an option of the launch, not of the recipe; give it on the command line: " in message
+        assert f"`trl-flow-grpo train --config {recipe} --num_processes 2`" in message
+    recipe.write_text("- a list\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="is not a YAML mapping of option: value"):
+        main(["train", "--config", str(recipe)])
+
+
 def test_train_help_is_printed_from_the_cache_without_importing_transformers(tmp_path):
     """`train --help` needs TrainingArguments (torch, peft: seconds to import): the second time it comes from the
     user's cache, and a change to the package's sources would key a new entry."""

@@ -329,6 +329,50 @@ def _check_flags(parser, argv: list[str], extra: list[str] = ()) -> None:
         raise SystemExit(f"{parser.prog}: unrecognized arguments: {' '.join(unknown)}\n{hints}")
 
 
+def _check_config_keys(parser, argv: list[str]) -> None:
+    """A key of the `--config` YAML that no option has is an error naming the file and the key, with the nearest
+    option; a key of `accelerate launch` (`accelerate_config`, `num_processes`, ...) says to give it on the command
+    line, where `train` takes it (TRL's parser would fail later, with a traceback)."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if path is None or not os.path.isfile(path):
+        return  # no recipe, or TRL's parser reports the missing file
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise SystemExit(f"{parser.prog}: {path} is not a YAML mapping of option: value (got {type(raw).__name__}).")
+    known = _option_names(parser)
+    unknown = [key for key in raw if key != "env" and key not in known]  # `env:` sets environment variables (TRL)
+    if not unknown:
+        return
+    from accelerate.commands.launch import launch_command_parser
+
+    from .validation import suggest_flags
+
+    launch_keys = {flag.lstrip("-") for flag in launch_command_parser()._option_string_actions}
+    launch = [key for key in unknown if key == "accelerate_config" or key in launch_keys]
+    lines = [f"{parser.prog}: {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}."]
+    hints = suggest_flags([f"--{key}" for key in unknown if key not in launch], known)
+    lines += [hints] if hints else []
+    if launch:
+        example = " ".join(f"--{key} {raw[key]}" for key in launch)
+        what = (
+            "options of the launch, not of the recipe; give them"
+            if len(launch) > 1
+            else "an option of the launch, not of the recipe; give it"
+        )
+        lines.append(
+            f"{', '.join(launch)}: {what} on the command line: `trl-flow-grpo train --config {path} {example}`."
+        )
+    raise SystemExit("\n".join(lines))
+
+
 def _check_lora(lora: str, command: str = "sample") -> None:
     """`sample --lora` (or `command`'s): a local path must exist and hold a LoRA file or a `transformer/` folder."""
     if os.path.isdir(lora):
@@ -574,6 +618,7 @@ def train(argv: list[str]) -> None:
         return
     parser = _parser(demo=False)
     _check_flags(parser, argv)
+    _check_config_keys(parser, argv)
     script_args, training_args = parser.parse_args_and_config(argv)
     demo = script_args.model_name_or_path is None
     if demo:
@@ -741,7 +786,8 @@ def launch_with_accelerate(config: str, command: str, argv: list[str]) -> int:
         launch, rest = split_launch_args(argv, _option_names(parser))
     except ValueError as error:
         raise SystemExit(f"trl-flow-grpo: {error}") from None
-    _check_flags(parser, rest)  # a misspelt flag fails here, not in every launched process
+    _check_flags(parser, rest)  # a misspelt flag or recipe key fails here, not in every launched process
+    _check_config_keys(parser, rest)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_path, *launch]
     cmd += ["-m", "trl_flow_grpo.cli", command, *rest]
     print("Launching:", " ".join(cmd), flush=True)
